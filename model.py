@@ -1,0 +1,314 @@
+"""A from-scratch Llama-3 decoder that loads Hugging Face-layout checkpoints.
+
+The KV cache keeps every token (the full cache). On a decode step each layer hands its new
+query and the cache to a policy (policies.py), which decides what the query attends to:
+    policy.prefill(layer, q, k, q_raw)     after the prompt's causal attention
+    policy.attend(layer, q, k, v, q_raw)   -> out [H, D]   on each decoded token
+q_raw is the query before rotary embedding. With no policy, every step is full attention.
+"""
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kernels import decode_attention
+from tokenizer import Tokenizer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message names the problem."""
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    vocab_size: int = 128256
+    hidden_dim: int = 14336
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: dict | None = None  # llama3: factor, low_freq_factor, high_freq_factor, original_max_position_embeddings
+    max_seq_len: int = 8192
+    tie_embeddings: bool = False
+    head_dim: int | None = None  # dim // n_heads unless the config says otherwise
+    bos_id: int = 128000
+    eos_ids: tuple = (128001, 128008, 128009)
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.dim // self.n_heads
+        self.eos_ids = tuple(self.eos_ids)
+
+
+def rope_frequencies(args):
+    """Inverse frequencies [head_dim/2], rescaled by wavelength band for Llama-3.1's long context."""
+    d = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d))
+    s = args.rope_scaling
+    if not s:
+        return inv
+    factor, lo, hi, old = s["factor"], s["low_freq_factor"], s["high_freq_factor"], s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+    scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    return torch.where((wavelen >= old / hi) & (wavelen <= old / lo), mid, scaled)
+
+
+def apply_rope(x, cos, sin):
+    """Rotary embedding in the 'rotate half' form of Hugging Face checkpoints. x [B, H, L, D]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args, layer_id):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.cache_k = self.cache_v = None  # [Hkv, max_len, D] once setup_cache is called
+
+    def forward(self, x, cos, sin, start_pos=None, policy=None):
+        B, L, _ = x.shape
+        q = self.wq(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
+        k = self.wk(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, D]
+        v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_raw = q
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if start_pos is None:  # training: plain causal attention, no cache
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:  # inference, batch 1: write the new keys and values into the full cache
+            T = start_pos + L
+            self.cache_k[:, start_pos:T] = k[0]
+            self.cache_v[:, start_pos:T] = v[0]
+            k, v = self.cache_k[:, :T], self.cache_v[:, :T]  # [Hkv, T, D]
+            if L > 1:  # prefill: causal attention over the prompt, then the policy sees it
+                y = F.scaled_dot_product_attention(q, k[None], v[None], is_causal=True, enable_gqa=True)
+                if policy is not None:
+                    policy.prefill(self.layer_id, q[0], k, q_raw[0])
+            elif policy is not None:  # decode: the policy chooses what the query attends to
+                y = policy.attend(self.layer_id, q[0, :, 0], k, v, q_raw[0, :, 0])[None, :, None]
+            else:
+                y = decode_attention(q[0, :, 0], k, v)[0][None, :, None]
+        return self.wo(y.transpose(1, 2).reshape(B, L, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args, layer_id):
+        super().__init__()
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cos, sin, start_pos=None, policy=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, policy)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.inv_freq = rope_frequencies(args)  # a plain tensor, moved to the input's device on use
+
+    def forward(self, tokens, start_pos=None, policy=None):
+        """tokens [B, L] -> logits. Training (start_pos None): [B, L, vocab].
+        Inference (batch 1, cache set up): tokens sit at start_pos.., logits of the last one [1, 1, vocab]."""
+        B, L = tokens.shape
+        if self.inv_freq.device != tokens.device:
+            self.inv_freq = self.inv_freq.to(tokens.device)
+        pos = torch.arange(L, device=tokens.device) + (start_pos or 0)
+        freqs = torch.outer(pos.float(), self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # [L, D]
+        h = self.tok_embeddings(tokens)
+        cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, start_pos, policy)
+        if start_pos is not None:
+            h = h[:, -1:]  # only the last position's logits are needed to decode
+        return self.output(self.norm(h)).float()
+
+    def setup_cache(self, max_len):
+        """Allocate the full KV cache for max_len tokens (prompt + generated)."""
+        w = self.tok_embeddings.weight
+        for layer in self.layers:
+            a = layer.attention
+            a.cache_k = torch.empty(a.n_kv_heads, max_len, a.head_dim, device=w.device, dtype=w.dtype)
+            a.cache_v = torch.empty_like(a.cache_k)
+
+
+# ---- Hugging Face layout: config.json, *.safetensors, tokenizer.model ----
+
+def hf_names(args):
+    """Our parameter name -> the Hugging Face LlamaForCausalLM name."""
+    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not args.tie_embeddings:
+        names["output.weight"] = "lm_head.weight"
+    pairs = [("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"),
+             ("attention.wv", "self_attn.v_proj"), ("attention.wo", "self_attn.o_proj"),
+             ("feed_forward.w1", "mlp.gate_proj"), ("feed_forward.w2", "mlp.down_proj"),
+             ("feed_forward.w3", "mlp.up_proj"), ("attention_norm", "input_layernorm"),
+             ("ffn_norm", "post_attention_layernorm")]
+    for i in range(args.n_layers):
+        for ours, hf in pairs:
+            names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{hf}.weight"
+    return names
+
+
+def args_from_config(cfg):
+    if cfg.get("architectures") != ["LlamaForCausalLM"]:
+        raise CheckpointError(f"architecture {cfg.get('architectures')} is not LlamaForCausalLM")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise CheckpointError("attention or MLP biases are not part of Llama-3")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # newer configs nest rope_theta here
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise CheckpointError(f"rope scaling type {kind!r} is not supported (only llama3)")
+    eos = cfg.get("eos_token_id", 128001)
+    try:
+        return ModelArgs(
+            dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
+            n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+            vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+            rope_scaling={k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                "original_max_position_embeddings")} if kind == "llama3" else None,
+            max_seq_len=cfg.get("max_position_embeddings", 8192), tie_embeddings=cfg.get("tie_word_embeddings", False),
+            head_dim=cfg.get("head_dim"), bos_id=cfg.get("bos_token_id", 128000),
+            eos_ids=eos if isinstance(eos, list) else [eos])
+    except KeyError as e:
+        raise CheckpointError(f"config.json lacks {e}") from None
+
+
+def config_from_args(args):
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
+            "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+            "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size,
+            "intermediate_size": args.hidden_dim, "rms_norm_eps": args.norm_eps, "rope_theta": args.rope_theta,
+            "rope_scaling": dict(args.rope_scaling, rope_type="llama3") if args.rope_scaling else None,
+            "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
+            "head_dim": args.head_dim, "bos_token_id": args.bos_id, "eos_token_id": list(args.eos_ids),
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
+
+
+def safetensors_files(path):
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError):
+            raise CheckpointError(f"{index} is not a valid safetensors index") from None
+        files = [path / s for s in shards]
+    else:
+        files = [path / "model.safetensors"]
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"missing weights file {f}")
+    return files
+
+
+def load_tokenizer(path, vocab_size):
+    for f in (path / "tokenizer.model", path / "original" / "tokenizer.model"):
+        if f.is_file():
+            try:
+                return Tokenizer.from_file(f, vocab_size)
+            except Exception as e:
+                raise CheckpointError(f"cannot read tokenizer {f}: {str(e).splitlines()[0]}") from None
+    raise CheckpointError(f"no tokenizer.model in {path} or {path / 'original'}")
+
+
+def load(path, device="cpu", dtype=torch.float32):
+    """Load a Llama-3.x checkpoint directory -> (model, tokenizer). Each tensor is read once,
+    straight onto `device`, and cast; the model is built on the meta device so no second copy exists."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"no config.json in {path}")
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path / 'config.json'} is not valid JSON") from None
+    args = args_from_config(cfg)
+    with torch.device("meta"):
+        model = Transformer(args)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    to_ours = {hf: ours for ours, hf in hf_names(args).items()}
+    state = {}
+    for file in safetensors_files(path):
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    if key.endswith("rotary_emb.inv_freq"):
+                        continue  # some checkpoints store rope frequencies; we compute them
+                    if key not in to_ours:
+                        raise CheckpointError(f"unexpected tensor {key} in {file.name}")
+                    t = f.get_tensor(key)
+                    if t.shape != shapes[to_ours[key]]:
+                        raise CheckpointError(f"tensor {key} has shape {tuple(t.shape)}, config says "
+                                              f"{tuple(shapes[to_ours[key]])}")
+                    state[to_ours[key]] = t.to(dtype)
+        except CheckpointError:
+            raise
+        except Exception as e:  # a truncated or corrupt file
+            raise CheckpointError(f"cannot read {file}: {str(e).splitlines()[0]}") from None
+    missing = [name for name in hf_names(args) if name not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks {hf_names(args)[missing[0]]} ({len(missing)} tensors missing)")
+    if args.tie_embeddings:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict(state, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval(), load_tokenizer(path, args.vocab_size)
+
+
+def save(model, path, tokenizer):
+    """Write model and tokenizer in the layout load() reads (and Hugging Face's LlamaForCausalLM too)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config_from_args(model.args), indent=2))
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tensors = {hf: params[ours].detach().contiguous() for ours, hf in hf_names(model.args).items()}
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save(path / "tokenizer.model")
