@@ -173,9 +173,8 @@ if args.sweep and DEV == "cuda":
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     log(f"\nsweep at T={T} (block_n, warps, stages, splits): sparse L/8 unsorted fused | "
         "same, 2 launches | full step + scores")
-    for bn, w, s in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 4, 2), (128, 8, 2), (128, 8, 3)]:
-        for per_sm in (2, 4, 8):
-            sp = math.ceil(per_sm * sms / HKV)
+    for bn, w, s in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2)]:
+        for sp in (16, 32, 64, 128):
             cfg = dict(block_n=bn, num_warps=w, num_stages=s, num_splits=sp)
             try:
                 a = bench(lambda: attention_triton(q, k, v, idx, **cfg))

@@ -123,7 +123,7 @@ if triton is not None:
             tl.debug_barrier()
             if done == S - 1:
                 tl.store(cnt_ptr + kvh, 0)            # reset for the next call
-                for gi in tl.static_range(G):
+                for gi in range(G):
                     _merge(m_ptr, l_ptr, acc_ptr, out_ptr, kvh * G + gi, S, D, BLOCK_S)
 
     @triton.jit(do_not_specialize=["n_att", "S"])
@@ -164,7 +164,7 @@ def _config(n_att, Hkv, device):
     if device.type != "cuda":
         return dict(block_n=128, num_splits=2, num_warps=4, num_stages=1)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    splits = max(1, triton.cdiv(4 * sms, Hkv))       # ~4 programs per SM at long lengths
+    splits = min(64, max(1, triton.cdiv(4 * sms, Hkv)))  # ~4 programs per SM when long
     return dict(block_n=64, num_splits=splits, num_warps=4, num_stages=2)
 
 
