@@ -1,0 +1,180 @@
+"""Generate a continuation of a prompt file with a KV-cache policy.
+
+    python refreshkv.py --prompt examples/chain_of_key.txt --policy refreshkv --budget 0.125 --stride 10
+"""
+import argparse
+import codecs
+import inspect
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from model import CheckpointError, load
+from policies import POLICIES
+
+BUNDLED_MODEL = Path(__file__).parent / "models" / "refreshkv-tiny"
+KNOBS = ("budget", "stride", "threshold", "refresh_only", "window", "sinks", "page_size")
+
+
+def sample(logits, temperature, top_p, gen):
+    """Greedy at temperature 0; otherwise nucleus sampling from the smallest set of mass >= top_p."""
+    if temperature == 0:
+        return int(logits.argmax())
+    probs, ids = (logits / temperature).softmax(-1).sort(descending=True)
+    probs[probs.cumsum(-1) - probs > top_p] = 0
+    return int(ids[torch.multinomial(probs, 1, generator=gen)])
+
+
+@torch.inference_mode()
+def generate(model, prompt, policy=None, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0, stop=()):
+    """Yield (token, logits [vocab]) for each generated token. The first token comes from the
+    prefill's logits; each later one from a decode step of the policy."""
+    device = model.tok_embeddings.weight.device
+    model.setup_cache(len(prompt) + max_new_tokens)
+    gen = torch.Generator(device).manual_seed(seed)
+    logits = model(torch.tensor([prompt], device=device), start_pos=0, policy=policy)[0, -1]
+    for t in range(max_new_tokens):
+        token = sample(logits, temperature, top_p, gen)
+        yield token, logits
+        if token in stop or t == max_new_tokens - 1:
+            return
+        logits = model(torch.tensor([[token]], device=device), start_pos=len(prompt) + t, policy=policy)[0, -1]
+
+
+def budget_tokens(budget, prompt_len):
+    """--budget as tokens ("256") or as a fraction of the prompt ("0.125")."""
+    try:
+        value = float(budget)
+    except ValueError:
+        raise ValueError(f"--budget must be a number of tokens or a fraction, got {budget!r}") from None
+    if "." in budget or "e" in budget.lower():
+        if not 0 < value <= 1:
+            raise ValueError(f"a budget fraction must lie in (0, 1], got {budget}")
+        return max(1, int(value * prompt_len))
+    if value < 1:
+        raise ValueError(f"budget must be at least 1 token, got {budget}")
+    return int(value)
+
+
+def make_policy(name, knobs, prompt_len):
+    """The policy `name` with the knobs given on the command line (None = not given)."""
+    cls = POLICIES[name]
+    takes = inspect.signature(cls.__init__).parameters
+    given = {k: v for k, v in knobs.items() if v is not None}
+    for k in given:
+        if k not in takes:
+            raise ValueError(f"policy {name} takes no --{k.replace('_', '-')}")
+    if "budget" in takes:
+        given["budget"] = budget_tokens(given.get("budget", "0.125"), prompt_len)  # the paper's K = L/8
+    return cls(**given)
+
+
+def stats_line(policy, prompt_len, n_gen, prefill_s, decode_s):
+    line = (f"prompt {prompt_len} tokens | generated {n_gen} | prefill {prefill_s:.2f} s | "
+            f"decode {(n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else 0:.1f} tokens/s")
+    if policy.steps:
+        line += (f" | full steps {policy.full / policy.steps:.1%} of layer-steps | "
+                 f"{policy.attended / policy.steps:.0f} positions attended per layer-step | "
+                 f"attention reads saved {1 - policy.read / policy.dense:.1%}")
+    return line
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2
+        sys.exit(f"refreshkv: error: {message}")
+
+
+def parse_args(argv):
+    p = Parser(description="Generate with a long prompt and a KV-cache policy (RefreshKV and baselines).")
+    p.add_argument("--prompt", required=True, help="UTF-8 text file with the prompt")
+    p.add_argument("--model", default=str(BUNDLED_MODEL), help="Llama-3.x checkpoint dir (Hugging Face layout)")
+    p.add_argument("--policy", default="full", choices=list(POLICIES))
+    p.add_argument("--budget", help="K: tokens (256) or a fraction of the prompt (0.125, the default)")
+    p.add_argument("--stride", type=int, help="refreshkv: full step every S steps (default 10)")
+    p.add_argument("--threshold", type=float, help="refreshkv: query-similarity schedule, checked every S steps (paper: 0.85)")
+    p.add_argument("--refresh-only", action="store_true", default=None, help="refreshkv: partial attention on full steps too, refresh from full scores")
+    p.add_argument("--window", type=int, help="snapkv: observation window (default 1)")
+    p.add_argument("--sinks", type=int, help="streamingllm: attention sinks (default 4)")
+    p.add_argument("--page-size", type=int, help="quest: page size (default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"], help="decode attention kernel")
+    args = p.parse_args(argv)
+    if args.max_new_tokens <= 0:
+        p.error(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        p.error(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        p.error(f"--top-p must lie in (0, 1], got {args.top_p}")
+    for knob in ("stride", "window", "page_size"):
+        if getattr(args, knob) is not None and getattr(args, knob) <= 0:
+            p.error(f"--{knob.replace('_', '-')} must be positive, got {getattr(args, knob)}")
+    if args.sinks is not None and args.sinks < 0:
+        p.error(f"--sinks must be >= 0, got {args.sinks}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda, but no CUDA GPU is available")
+    if args.kernel == "triton" and (args.device == "cpu" or not torch.cuda.is_available()) \
+            and os.environ.get("TRITON_INTERPRET") != "1":
+        p.error("--kernel triton needs a CUDA GPU (or TRITON_INTERPRET=1 for Triton's CPU interpreter)")
+    return args
+
+
+def read_prompt(path):
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"prompt file {path} does not exist") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"prompt file {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise ValueError(f"cannot read prompt file {path}: {e.strerror}") from None
+    if not text.strip():
+        raise ValueError(f"prompt file {path} is empty")
+    return text
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    try:
+        text = read_prompt(args.prompt)
+        if not Path(args.model).is_dir():
+            raise ValueError(f"no model directory at {args.model} (pass --model DIR)")
+        model, tokenizer = load(args.model, device, dtype)
+        prompt = tokenizer.encode(text, bos=True)
+        if len(prompt) + args.max_new_tokens > model.args.max_seq_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max-new-tokens ({args.max_new_tokens}) exceeds "
+                             f"the model's context of {model.args.max_seq_len} tokens")
+        policy = make_policy(args.policy, {k: getattr(args, k) for k in KNOBS}, len(prompt))
+    except (ValueError, CheckpointError) as e:
+        sys.exit(f"refreshkv: error: {e}")
+    policy.kernel = args.kernel
+    stop = set(model.args.eos_ids) | tokenizer.eos_ids
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
+    start, n = time.perf_counter(), 0
+    for n, (token, _) in enumerate(generate(model, prompt, policy, args.max_new_tokens, args.temperature,
+                                            args.top_p, args.seed, stop), 1):
+        if n == 1:
+            prefill_s, start = time.perf_counter() - start, time.perf_counter()
+        if token not in stop:
+            sys.stdout.write(utf8.decode(tokenizer.decode_bytes([token])))
+            sys.stdout.flush()
+    sys.stdout.write(utf8.decode(b"", final=True) + "\n")
+    print(stats_line(policy, len(prompt), n, prefill_s, time.perf_counter() - start),
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BrokenPipeError:  # e.g. piped into `head`
+        sys.stderr.close()
