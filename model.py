@@ -303,12 +303,26 @@ def load(path, device="cpu", dtype=torch.float32):
     return model.eval(), load_tokenizer(path, args.vocab_size)
 
 
-def save(model, path, tokenizer):
-    """Write model and tokenizer in the layout load() reads (and Hugging Face's LlamaForCausalLM too)."""
+def save(model, path, tokenizer, shard_bytes=None):
+    """Write model and tokenizer in the layout load() reads (and Hugging Face's LlamaForCausalLM too);
+    with shard_bytes, as model-0000N-of-0000M.safetensors shards of at most that size plus an index."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config_from_args(model.args), indent=2))
     params = dict(model.named_parameters(remove_duplicate=False))
     tensors = {hf: params[ours].detach().contiguous() for ours, hf in hf_names(model.args).items()}
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    shards, size = [[]], 0
+    for name, t in tensors.items():
+        if shard_bytes and shards[-1] and size + t.nbytes > shard_bytes:
+            shards, size = shards + [[]], 0
+        shards[-1].append(name)
+        size += t.nbytes
+    files = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for file, names in zip(files, shards):
+        save_file({n: tensors[n] for n in names}, str(path / file), metadata={"format": "pt"})
+    if len(shards) > 1:
+        (path / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+             "weight_map": {n: f for f, names in zip(files, shards) for n in names}}, indent=2))
     tokenizer.save(path / "tokenizer.model")

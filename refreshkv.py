@@ -82,9 +82,15 @@ def stats_line(policy, prompt_len, n_gen, prefill_s, decode_s):
     return line
 
 
+def fail(message):
+    """Bad input: one line on stderr and exit status 2, never a traceback."""
+    print(f"refreshkv: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2
-        sys.exit(f"refreshkv: error: {message}")
+    def error(self, message):
+        fail(message)
 
 
 def parse_args(argv):
@@ -156,7 +162,7 @@ def main(argv=None):
                              f"the model's context of {model.args.max_seq_len} tokens")
         policy = make_policy(args.policy, {k: getattr(args, k) for k in KNOBS}, len(prompt))
     except (ValueError, CheckpointError) as e:
-        sys.exit(f"refreshkv: error: {e}")
+        fail(e)
     policy.kernel = args.kernel
     stop = set(model.args.eos_ids) | tokenizer.eos_ids
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens

@@ -102,6 +102,9 @@ def test_load_sharded_and_bfloat16(ckpt, tmp_path_factory):
     sharded, _ = load(shard_dir)
     tokens = torch.randint(0, 258, (1, 16))
     assert torch.equal(sharded(tokens), model(tokens))
+    save(model, shard_dir / "by_size", Tokenizer.byte_level(), shard_bytes=40_000)  # save's own shards
+    assert len(list((shard_dir / "by_size").glob("model-*-of-*.safetensors"))) > 2
+    assert torch.equal(load(shard_dir / "by_size")[0](tokens), model(tokens))
     half, _ = load(path, dtype=torch.bfloat16)
     assert half.tok_embeddings.weight.dtype == torch.bfloat16
     assert torch.allclose(half(tokens), model(tokens), atol=0.5)
