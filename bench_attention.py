@@ -5,8 +5,14 @@ GPU:  python bench_attention.py [--sweep] [--out DIR]
       contexts 4K..128K, index budgets L/8 and L/32, sorted and unsorted indices.
 CPU:  python bench_attention.py --cpu   (tiny shapes, Triton interpreter: checks it runs)
 
+Two times per path, medians:
+  GPU µs:   20 calls captured in a CUDA graph, replayed 10 times: the device time alone.
+  eager µs: triton.testing.do_bench (L2 flushed between calls): includes the Python and
+            launch cost whenever that is longer than the device time.
+Inputs rotate among several caches and index sets so that no call finds its data in L2.
 Floor = the bytes a path must move (each input read once, each output written once)
 divided by the device-to-device copy bandwidth measured in the same run.
+--sweep first times launch configs at 64K and 128K and uses the best for the table.
 """
 import argparse
 import math
@@ -25,7 +31,7 @@ from kernels import attention_triton, decode_attention
 
 p = argparse.ArgumentParser()
 p.add_argument("--cpu", action="store_true", help="tiny shapes on CPU (smoke test)")
-p.add_argument("--sweep", action="store_true", help="also sweep Triton launch configs at the longest context")
+p.add_argument("--sweep", action="store_true", help="tune launch configs first (GPU)")
 p.add_argument("--out", default=os.environ.get("OUT", "."), help="where to write the table and log")
 args = p.parse_args()
 
@@ -34,6 +40,7 @@ H, HKV, D = (8, 2, 32) if args.cpu else (32, 8, 128)
 DT = torch.float32 if args.cpu else torch.bfloat16
 CTXS = [256, 512] if args.cpu else [4096, 16384, 65536, 131072]
 ESZ = torch.finfo(DT).bits // 8
+L2 = torch.cuda.get_device_properties(0).L2_cache_size if DEV == "cuda" else 0
 LOG = open(os.path.join(args.out, "bench_log.txt"), "w")
 
 
@@ -44,8 +51,8 @@ def log(*a):
     LOG.flush()
 
 
-def bench(fn):
-    """Median time of fn in microseconds (CUDA events via do_bench on GPU)."""
+def bench_eager(fn):
+    """Median microseconds per call, timed call by call (do_bench on GPU)."""
     if DEV == "cuda":
         import triton
         return 1e3 * triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
@@ -58,25 +65,56 @@ def bench(fn):
     return 1e6 * statistics.median(ts)
 
 
+def bench_graph(fn, n=20, reps=10):
+    """Median microseconds per call of n calls captured in one CUDA graph (device time)."""
+    if DEV != "cuda":
+        return bench_eager(fn)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up (compiles) outside the capture
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(n):
+            fn()
+    g.replay()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(1e3 * a.elapsed_time(b) / n)
+    del g
+    return statistics.median(ts)
+
+
 def copy_bandwidth():
     """Bytes read + written per second by a large device-to-device copy."""
     n = (1 << 28) if DEV == "cuda" else (1 << 22)
     x = torch.randn(n, device=DEV, dtype=torch.float32)
     y = torch.empty_like(x)
-    us = bench(lambda: y.copy_(x))
+    us = bench_eager(lambda: y.copy_(x))
     return 2 * x.numel() * 4 / (us * 1e-6)
 
 
-def rotating(make_inputs, nbytes):
-    """Several input sets if one fits in L2 (do_bench also flushes L2 between calls)."""
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size if DEV == "cuda" else 0
-    sets = [make_inputs() for _ in range(min(8, max(1, math.ceil(4 * l2 / nbytes))))]
+def cycle(items):
+    """A function returning the next item on each call."""
     state = {"i": 0}
 
-    def next_set():
-        state["i"] = (state["i"] + 1) % len(sets)
-        return sets[state["i"]]
-    return next_set
+    def nxt():
+        state["i"] = (state["i"] + 1) % len(items)
+        return items[state["i"]]
+    return nxt
+
+
+def copies(nbytes):
+    """How many input sets make the working set at least 4x the L2 cache (at most 8)."""
+    return min(8, max(1, math.ceil(4 * L2 / nbytes)))
 
 
 def make_cache(T):
@@ -99,97 +137,98 @@ def check(a, b, tol=3e-2):
     return "ok" if err <= tol and not math.isnan(err) else f"MISMATCH {err:.3g}"
 
 
+def sweep():
+    """Time launch configs at 64K and 128K (L/8 unsorted; dense with scores); keep the best."""
+    combos = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2)]
+    sparse, dense = {}, {}
+    for T in CTXS[-2:]:
+        caches = cycle([make_cache(T) for _ in range(copies(2 * HKV * T * D * ESZ))])
+        idxs = cycle([make_idx(T, T // 8, False) for _ in range(8)])
+        log(f"sweep T={T} (block_n, warps, stages, splits): sparse L/8 fused | sparse 2 launches "
+            "| full step + scores   [GPU us]")
+        for bn, w, st in combos:
+            for sp in (16, 32, 64, 128):
+                cfg = dict(block_n=bn, num_warps=w, num_stages=st, num_splits=sp)
+                a = bench_graph(lambda: attention_triton(*caches(), idxs(), fused=True, **cfg))
+                a2 = bench_graph(lambda: attention_triton(*caches(), idxs(), fused=False, **cfg))
+                b = bench_graph(lambda: attention_triton(*caches(), None, True, **cfg))
+                log(f"  {bn:>4} {w} {st} {sp:>4}: {a:8.1f} | {a2:8.1f} | {b:8.1f}")
+                for key, t in (((bn, w, st, sp, True), a), ((bn, w, st, sp, False), a2)):
+                    sparse[key] = sparse.get(key, 0) + t
+                dense[(bn, w, st, sp)] = dense.get((bn, w, st, sp), 0) + b
+    (bn, w, st, sp, fu), (dbn, dw, dst, dsp) = min(sparse, key=sparse.get), min(dense, key=dense.get)
+    kernels.CUDA_CONFIG["sparse"] = dict(block_n=bn, num_warps=w, num_stages=st, splits=sp, fused=fu)
+    kernels.CUDA_CONFIG["dense"] = dict(block_n=dbn, num_warps=dw, num_stages=dst, splits=dsp,
+                                        fused=True)
+    log(f"chosen (least total over the two contexts): {kernels.CUDA_CONFIG}\n")
+
+
 bw = copy_bandwidth()
 log(f"device: {torch.cuda.get_device_name(0) if DEV == 'cuda' else 'cpu'}; torch {torch.__version__}; "
     f"triton {kernels.triton.__version__ if kernels.triton else None}; copy bandwidth {bw / 1e12:.3f} TB/s")
+if args.sweep and DEV == "cuda":
+    sweep()
 floor = lambda nbytes: 1e6 * nbytes / bw                           # microseconds
 qo = 2 * H * D * ESZ                                               # q read + out written
-rows = []                                                          # (ctx, path, n_att, us, floor_us)
+rows = []                                                          # (T, path, n_att, gpu, eager, floor)
 
 
-def row(T, path, n_att, us, nbytes, note=""):
-    rows.append((T, path, n_att, us, floor(nbytes)))
-    log(f"T={T:>6} {path:<34} n_att={n_att:>6} {us:9.1f} us  floor {floor(nbytes):8.1f} us  {note}")
+def row(T, path, n_att, fn, nbytes):
+    gpu, eager = bench_graph(fn), bench_eager(fn)
+    rows.append((T, path, n_att, gpu, eager, floor(nbytes)))
+    log(f"T={T:>6} {path:<36} n_att={n_att:>6} GPU {gpu:8.1f} us  eager {eager:8.1f} us  "
+        f"floor {floor(nbytes):7.1f} us")
 
 
 for T in CTXS:
     kv_bytes = 2 * HKV * T * D * ESZ                               # K and V, all positions
-    nxt = rotating(lambda: make_cache(T), kv_bytes)
-    q, k, v = nxt()
+    caches = cycle([make_cache(T) for _ in range(copies(kv_bytes))])
+    q, k, v = caches()
     # correctness first, on these very inputs
     ref, pref = decode_attention(q, k, v, scores=True, kernel="torch")
     out, pt = decode_attention(q, k, v, scores=True, kernel="triton")
     sd, _ = kernels._sdpa(q, k, v)
     log(f"T={T}: dense triton vs torch {check(out, ref)}, probs {check(pt, pref, 1e-3)}, sdpa {check(sd, ref)}")
-    del ref, pref, out, pt
-
-    def dense(kind, scores):
-        def fn():
-            q, k, v = nxt()
-            if kind == "sdpa":
-                return kernels._sdpa(q, k, v)
-            return decode_attention(q, k, v, scores=scores, kernel=kind)
-        return bench(fn)
-    sdpa_us = dense("sdpa", False)
-    row(T, "dense SDPA (enable_gqa)", T, sdpa_us, kv_bytes + qo)
-    row(T, "dense Triton, no scores", T, dense("triton", False), kv_bytes + qo)
-    row(T, "dense Triton, no scores, 2 launches", T,
-        bench(lambda: attention_triton(*nxt(), fused=False)), kv_bytes + qo)
-    row(T, "full step + scores, Triton", T, dense("triton", True), kv_bytes + qo + 4 * H * T)
-    if T <= 16384 or DEV == "cpu":  # the float32 reference copies the whole cache: slow
-        row(T, "full step + scores, torch ref", T, dense("torch", True), kv_bytes + qo + 4 * H * T)
+    del ref, pref, out, pt, q, k, v
+    row(T, "dense SDPA (enable_gqa)", T, lambda: kernels._sdpa(*caches()), kv_bytes + qo)
+    row(T, "dense Triton, no scores", T,
+        lambda: decode_attention(*caches(), kernel="triton"), kv_bytes + qo)
+    row(T, "full step + scores, Triton", T,
+        lambda: decode_attention(*caches(), scores=True, kernel="triton"), kv_bytes + qo + 4 * H * T)
+    if T <= 16384:  # the float32 reference copies the whole cache: slow
+        row(T, "full step + scores, torch ref", T,
+            lambda: decode_attention(*caches(), scores=True, kernel="torch"), kv_bytes + qo + 4 * H * T)
     for budget in (8, 32):
         n = T // budget
         sp_bytes = 2 * HKV * (n + 1) * D * ESZ + HKV * n * 4 + qo  # gathered rows + int32 idx
         for sort in (True, False):
             tag = f"L/{budget} {'sorted' if sort else 'unsorted'}"
-            idxs = [make_idx(T, n, sort) for _ in range(2)]
-            q, k, v = nxt()
-            ref, pref = decode_attention(q, k, v, idxs[0], scores=True, kernel="torch")
-            out, pt = decode_attention(q, k, v, idxs[0], scores=True, kernel="triton")
+            idxs = cycle([make_idx(T, n, sort) for _ in range(copies(sp_bytes))])
+            q, k, v = caches()
+            i0 = idxs()
+            ref, pref = decode_attention(q, k, v, i0, scores=True, kernel="torch")
+            out, pt = decode_attention(q, k, v, i0, scores=True, kernel="triton")
             log(f"T={T} {tag}: sparse triton vs torch {check(out, ref)}, probs {check(pt, pref, 1e-3)}")
-
-            def sparse(kind, scores=False):
-                def fn():
-                    q, k, v = nxt()
-                    return decode_attention(q, k, v, idxs[0], scores=scores, kernel=kind)
-                return bench(fn)
-            row(T, f"sparse Triton {tag}", n + 1, sparse("triton"), sp_bytes)
-            row(T, f"sparse torch fallback {tag}", n + 1, sparse("torch"), sp_bytes)
+            del q, k, v, ref, pref, out, pt
+            row(T, f"sparse Triton {tag}", n + 1,
+                lambda: decode_attention(*caches(), idxs(), kernel="triton"), sp_bytes)
+            row(T, f"sparse torch fallback {tag}", n + 1,
+                lambda: decode_attention(*caches(), idxs(), kernel="torch"), sp_bytes)
             if not sort:
-                row(T, f"sparse Triton {tag}, 2 launches", n + 1,
-                    bench(lambda: attention_triton(*nxt(), idxs[0], fused=False)), sp_bytes)
-                row(T, f"sparse Triton + scores {tag}", n + 1, sparse("triton", True),
+                row(T, f"sparse Triton + scores {tag}", n + 1,
+                    lambda: decode_attention(*caches(), idxs(), scores=True, kernel="triton"),
                     sp_bytes + 4 * H * (n + 1))
     empty = torch.zeros(HKV, 0, dtype=torch.int32, device=DEV)
-    row(T, "sparse Triton n=0 (launch cost)", 1,
-        bench(lambda: decode_attention(q, k, v, empty, kernel="triton")), 2 * HKV * D * ESZ + qo)
-    del q, k, v, nxt
+    row(T, "sparse Triton n=0 (fixed cost)", 1,
+        lambda: decode_attention(*caches(), empty, kernel="triton"), 2 * HKV * D * ESZ + qo)
+    del caches
 
-if args.sweep and DEV == "cuda":
-    T = CTXS[-1]
-    q, k, v = make_cache(T)
-    idx = make_idx(T, T // 8, False)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    log(f"\nsweep at T={T} (block_n, warps, stages, splits): sparse L/8 unsorted fused | "
-        "same, 2 launches | full step + scores")
-    for bn, w, s in [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2)]:
-        for sp in (16, 32, 64, 128):
-            cfg = dict(block_n=bn, num_warps=w, num_stages=s, num_splits=sp)
-            try:
-                a = bench(lambda: attention_triton(q, k, v, idx, **cfg))
-                a2 = bench(lambda: attention_triton(q, k, v, idx, fused=False, **cfg))
-                b = bench(lambda: attention_triton(q, k, v, None, True, **cfg))
-                log(f"  {bn:>4} {w} {s} {sp:>4}: {a:8.1f} us | {a2:8.1f} us | {b:8.1f} us")
-            except Exception as e:  # e.g. out of shared memory
-                log(f"  {bn:>4} {w} {s} {sp:>4}: failed {type(e).__name__}: {str(e)[:80]}")
-
-sdpa = {T: us for T, path, _, us, _ in rows if path.startswith("dense SDPA")}
-table = ["| context | path | attended/head | median µs | byte floor µs | × floor | SDPA dense ÷ this |",
-         "|---:|---|---:|---:|---:|---:|---:|"]
-for T, path, n_att, us, fl in rows:
-    table.append(f"| {T} | {path} | {n_att} | {us:.1f} | {fl:.1f} | {us / fl:.2f} | {sdpa[T] / us:.2f} |")
+sdpa = {T: gpu for T, path, _, gpu, _, _ in rows if path.startswith("dense SDPA")}
+table = ["| context | path | attended/head | GPU µs | eager µs | byte floor µs | GPU ÷ floor | SDPA dense ÷ this (GPU) |",
+         "|---:|---|---:|---:|---:|---:|---:|---:|"]
+for T, path, n_att, gpu, eager, fl in rows:
+    table.append(f"| {T} | {path} | {n_att} | {gpu:.1f} | {eager:.1f} | {fl:.1f} | {gpu / fl:.2f} | {sdpa[T] / gpu:.2f} |")
 table = "\n".join(table)
-log("\n" + table)
+log(f"\nconfig: {kernels.CUDA_CONFIG}\ncopy bandwidth {bw / 1e12:.3f} TB/s\n\n{table}")
 with open(os.path.join(args.out, "bench_table.md"), "w") as f:
-    f.write(f"copy bandwidth {bw / 1e12:.3f} TB/s, {DEV}\n\n{table}\n")
+    f.write(f"copy bandwidth {bw / 1e12:.3f} TB/s, {DEV}; config {kernels.CUDA_CONFIG}\n\n{table}\n")
