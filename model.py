@@ -222,7 +222,7 @@ def args_from_config(cfg):
         raise CheckpointError(f"config.json lacks {e}") from None
 
 
-def config_from_args(args):
+def config_from_args(args, dtype=torch.float32):
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": args.dim,
             "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
             "num_key_value_heads": args.n_kv_heads, "vocab_size": args.vocab_size,
@@ -230,7 +230,7 @@ def config_from_args(args):
             "rope_scaling": dict(args.rope_scaling, rope_type="llama3") if args.rope_scaling else None,
             "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_embeddings,
             "head_dim": args.head_dim, "bos_token_id": args.bos_id, "eos_token_id": list(args.eos_ids),
-            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32"}
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": str(dtype).split(".")[-1]}
 
 
 def safetensors_files(path):
@@ -308,7 +308,7 @@ def save(model, path, tokenizer, shard_bytes=None):
     with shard_bytes, as model-0000N-of-0000M.safetensors shards of at most that size plus an index."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config_from_args(model.args), indent=2))
+    (path / "config.json").write_text(json.dumps(config_from_args(model.args, model.norm.weight.dtype), indent=2))
     params = dict(model.named_parameters(remove_duplicate=False))
     tensors = {hf: params[ours].detach().contiguous() for ours, hf in hf_names(model.args).items()}
     shards, size = [[]], 0
