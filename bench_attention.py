@@ -144,22 +144,19 @@ def sweep():
     for T in CTXS[-2:]:
         caches = cycle([make_cache(T) for _ in range(copies(2 * HKV * T * D * ESZ))])
         idxs = cycle([make_idx(T, T // 8, False) for _ in range(8)])
-        log(f"sweep T={T} (block_n, warps, stages, splits): sparse L/8 fused | sparse 2 launches "
-            "| full step + scores   [GPU us]")
+        log(f"sweep T={T} (block_n, warps, stages, splits): sparse L/8 | full step + scores  [GPU us]")
         for bn, w, st in combos:
             for sp in (16, 32, 64, 128):
                 cfg = dict(block_n=bn, num_warps=w, num_stages=st, num_splits=sp)
-                a = bench_graph(lambda: attention_triton(*caches(), idxs(), fused=True, **cfg))
-                a2 = bench_graph(lambda: attention_triton(*caches(), idxs(), fused=False, **cfg))
+                a = bench_graph(lambda: attention_triton(*caches(), idxs(), **cfg))
                 b = bench_graph(lambda: attention_triton(*caches(), None, True, **cfg))
-                log(f"  {bn:>4} {w} {st} {sp:>4}: {a:8.1f} | {a2:8.1f} | {b:8.1f}")
-                for key, t in (((bn, w, st, sp, True), a), ((bn, w, st, sp, False), a2)):
-                    sparse[key] = sparse.get(key, 0) + t
-                dense[(bn, w, st, sp)] = dense.get((bn, w, st, sp), 0) + b
-    (bn, w, st, sp, fu), (dbn, dw, dst, dsp) = min(sparse, key=sparse.get), min(dense, key=dense.get)
-    kernels.CUDA_CONFIG["sparse"] = dict(block_n=bn, num_warps=w, num_stages=st, splits=sp, fused=fu)
-    kernels.CUDA_CONFIG["dense"] = dict(block_n=dbn, num_warps=dw, num_stages=dst, splits=dsp,
-                                        fused=True)
+                log(f"  {bn:>4} {w} {st} {sp:>4}: {a:8.1f} | {b:8.1f}")
+                key = (bn, w, st, sp)
+                sparse[key] = sparse.get(key, 0) + a
+                dense[key] = dense.get(key, 0) + b
+    for name, times in (("sparse", sparse), ("dense", dense)):
+        bn, w, st, sp = min(times, key=times.get)
+        kernels.CUDA_CONFIG[name] = dict(block_n=bn, num_warps=w, num_stages=st, splits=sp)
     log(f"chosen (least total over the two contexts): {kernels.CUDA_CONFIG}\n")
 
 

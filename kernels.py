@@ -24,7 +24,7 @@ except ImportError:  # triton is optional: "torch" and CPU "auto" still work
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton at import, too
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-AUTO_DENSE = "triton"  # idx=None, scores=False on CUDA: see notes/kernels.md
+AUTO_DENSE = "sdpa"  # idx=None, scores=False on CUDA: measured 3-16% faster (notes/kernels.md)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -66,12 +66,11 @@ if triton is not None:
         return m_max, l_sum
 
     @triton.jit(do_not_specialize=["T", "n_idx", "n_att", "chunk", "S"])
-    def _split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, m_ptr, l_ptr, acc_ptr, s_ptr, out_ptr, cnt_ptr,
+    def _split_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, m_ptr, l_ptr, acc_ptr, s_ptr,
                       sk0, sk1, sv0, sv1, si0, T, n_idx, n_att, chunk, S, qk_scale,
-                      G: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                      G: tl.constexpr, D: tl.constexpr,
                       BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HAS_IDX: tl.constexpr,
-                      SCORES: tl.constexpr, FUSED: tl.constexpr, UPCAST: tl.constexpr,
-                      PREC: tl.constexpr):
+                      SCORES: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
         kvh = tl.program_id(0)
         split = tl.program_id(1)
         g = tl.arange(0, BLOCK_G)                     # query head within the group (padded)
@@ -117,14 +116,6 @@ if triton is not None:
         tl.store(m_ptr + h * S + split, m_i, mask=hmask)
         tl.store(l_ptr + h * S + split, l_i, mask=hmask)
         tl.store(acc_ptr + (h[:, None] * S + split) * D + d[None, :], acc, mask=hmask[:, None])
-        if FUSED:  # the last split to finish merges its KV head: no second launch
-            tl.debug_barrier()                        # every thread's partials are stored
-            done = tl.atomic_add(cnt_ptr + kvh, 1, sem="acq_rel")
-            tl.debug_barrier()
-            if done == S - 1:
-                tl.store(cnt_ptr + kvh, 0)            # reset for the next call
-                for gi in range(G):
-                    _merge(m_ptr, l_ptr, acc_ptr, out_ptr, kvh * G + gi, S, D, BLOCK_S)
 
     @triton.jit(do_not_specialize=["n_att", "S"])
     def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, s_ptr, n_att, S,
@@ -149,31 +140,20 @@ if triton is not None:
             tl.store(s_ptr + h * n_att + j, tl.exp2(x - lse), mask=j < n_att)
 
 
-_COUNTERS = {}  # device -> int32 per-KV-head counters, zero between calls
-
-
-def _counter(device, n):
-    c = _COUNTERS.get(device)
-    if c is None or c.numel() < n:
-        c = _COUNTERS[device] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
-    return c
-
-
 # Launch settings on CUDA, tuned on an H100 for Llama-3.1-8B shapes (bench_attention.py
 # --sweep); `splits` is the number of programs per KV head at long lengths.
 CUDA_CONFIG = {
-    "sparse": dict(block_n=64, num_warps=4, num_stages=2, splits=64, fused=True),
-    "dense": dict(block_n=64, num_warps=4, num_stages=2, splits=64, fused=True),
+    "sparse": dict(block_n=64, num_warps=4, num_stages=2, splits=64),
+    "dense": dict(block_n=64, num_warps=4, num_stages=3, splits=32),
 }
 # Interpreter: few programs, big blocks.
-CPU_CONFIG = dict(block_n=128, num_warps=4, num_stages=1, splits=2, fused=True)
+CPU_CONFIG = dict(block_n=128, num_warps=4, num_stages=1, splits=2)
 
 
 def attention_triton(q, k, v, idx=None, scores=False, block_n=None, num_splits=None,
-                     num_warps=None, num_stages=None, exact_splits=False, fused=None):
+                     num_warps=None, num_stages=None, exact_splits=False):
     """Split-KV Triton decode. Tuning arguments are for tests and the benchmark only;
-    exact_splits=True keeps num_splits even if some splits get no entry (tests);
-    fused (default: when scores=False) merges the splits inside the first kernel."""
+    exact_splits=True keeps num_splits even if some splits get no entry (tests);"""
     H, D = q.shape
     Hkv, T, _ = k.shape
     G = H // Hkv
@@ -202,22 +182,19 @@ def attention_triton(q, k, v, idx=None, scores=False, block_n=None, num_splits=N
     idx_arg = idx if idx is not None else m           # unused when HAS_IDX is False
     si0 = idx.stride(0) if idx is not None else 0
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    fused = (cfg["fused"] and not scores) if fused is None else fused  # scores: 2 kernels
     warps = num_warps or cfg["num_warps"]
     block_s = max(2, triton.next_power_of_2(S))
     _split_kernel[(Hkv, S)](
-        q, k, v, idx_arg, m, l, acc, probs, out, _counter(dev, Hkv),
+        q, k, v, idx_arg, m, l, acc, probs,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), si0, T, n_idx, n_att, chunk, S,
         math.log2(math.e) / math.sqrt(D),
-        G=G, D=D, BLOCK_S=block_s, BLOCK_G=max(16, triton.next_power_of_2(G)),
-        BLOCK_N=block_n, HAS_IDX=idx is not None, SCORES=scores, FUSED=fused,
-        UPCAST=INTERPRET, PREC=prec, num_warps=warps,
-        num_stages=num_stages or cfg["num_stages"])
-    if not fused:  # same merge code and warps as the fused path: same bits in `out`
-        block_p = 1024 if dev.type == "cuda" else 4096
-        nb = triton.cdiv(n_att, block_p) if scores else 1
-        _combine_kernel[(H, nb)](m, l, acc, out, probs, n_att, S, D=D, BLOCK_S=block_s,
-                                 BLOCK_P=block_p, SCORES=scores, num_warps=warps)
+        G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,
+        HAS_IDX=idx is not None, SCORES=scores, UPCAST=INTERPRET, PREC=prec,
+        num_warps=warps, num_stages=num_stages or cfg["num_stages"])
+    block_p = 1024 if dev.type == "cuda" else 4096
+    nb = triton.cdiv(n_att, block_p) if scores else 1
+    _combine_kernel[(H, nb)](m, l, acc, out, probs, n_att, S, D=D, BLOCK_S=block_s,
+                             BLOCK_P=block_p, SCORES=scores, num_warps=warps)
     return out, (probs if scores else None)
 
 
