@@ -27,6 +27,7 @@ from collections import deque
 
 import numpy as np
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 
 import model as llama
@@ -315,10 +316,12 @@ def main():
     step, tokens, wait, p = 0, 0, 0.0, 0.0
     t_log, tok_log = t0, 0
     log(f"startup {t0 - t_start:.1f} s; training for {args.minutes} min")
+    t_end, t_first = t0 + budget, None  # progress p counts from the end of the first (compiling) step
     while True:
-        p = (time.time() - t0) / budget
-        if p >= 1.0:
+        now = time.time()
+        if now >= t_end:
             break
+        p = 0.0 if t_first is None else (now - t_first) / (t_end - t_first)
         tw = time.time()
         toks, cls = loader.next(p)
         wait += time.time() - tw
@@ -340,7 +343,6 @@ def main():
             compiled = 0
             for layer in model.layers:
                 layer._compiled_call_impl = None
-            import torch._dynamo
             torch._dynamo.reset()
             opt.zero_grad(set_to_none=True)
             loss, ce, logits = train_step(model, inp, tgt, w, amp, attn_ctx)
@@ -349,6 +351,9 @@ def main():
         opt.zero_grad(set_to_none=True)
         tokens += x.numel()
         step += 1
+        if t_first is None:
+            t_first = time.time()
+            log(f"first step (compile included) {t_first - t0:.1f} s")
         if step % 25 == 0 or step == 1:
             # answer-token loss and accuracy: the number that matters
             with torch.no_grad():
