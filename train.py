@@ -65,15 +65,19 @@ def text_row(rng, n):
         for d, dirs, fs in os.walk(sysconfig.get_paths()["stdlib"]):
             dirs[:] = sorted(x for x in dirs if x not in ("site-packages", "dist-packages", "__pycache__"))
             _TEXT_FILES += [os.path.join(d, f) for f in sorted(fs) if f.endswith(".py")]
-    out = []
-    while len(out) < n:
-        with open(rng.choice(_TEXT_FILES), "rb") as f:
-            data = f.read()
+    out, tries = [], 0
+    while len(out) < n and _TEXT_FILES and tries < 1000:
+        tries += 1
+        try:
+            with open(rng.choice(_TEXT_FILES), "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
         if len(data) < 200:
             continue
         start = rng.randrange(len(data) // 2) if not out else 0
         out += list(data[start:]) + [EOS]
-    return out[:n]
+    return out[:n] if len(out) >= n else None  # None: no stdlib source found here
 
 
 def task_row(rng, task, n):
@@ -98,11 +102,11 @@ def make_batch(spec):
     cls = np.zeros((rows, T + 1), np.uint8)
     for r in range(rows):
         task = rng.choices(names, weights)[0]
-        if task == "text":
-            toks[r] = text_row(rng, T + 1)
-            cls[r] = TEXT
+        row = text_row(rng, T + 1) if task == "text" else None
+        if row is not None:
+            toks[r], cls[r] = row, TEXT
         else:
-            toks[r], cls[r] = task_row(rng, task, T + 1)
+            toks[r], cls[r] = task_row(rng, "chain_of_key" if task == "text" else task, T + 1)
     return toks, cls
 
 
@@ -120,10 +124,10 @@ class Loader:
     def __init__(self, workers, seed, buckets, tokens_per_step, depth):
         self.pool = mp.get_context("fork").Pool(workers) if workers > 0 else None
         self.rng, self.seed, self.buckets, self.tps = random.Random(seed), seed, buckets, tokens_per_step
-        self.queue, self.n, self.depth = deque(), 0, depth
+        self.queue, self.n, self.depth, self.p_min = deque(), 0, depth, 0.0
 
     def submit(self, p):
-        lens, w = curriculum(p, self.buckets)
+        lens, w = curriculum(max(p, self.p_min), self.buckets)
         T = self.rng.choices(lens, w)[0]
         spec = (self.seed * 10**7 + self.n, T, max(1, self.tps // T))
         self.n += 1
@@ -273,6 +277,7 @@ def main():
     ap.add_argument("--compile", type=int, default=None,
                     help="1: torch.compile each block (dynamic shapes, compiled once); default 1 on CUDA")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--init", help="checkpoint dir to continue training from (all row lengths from the start)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "train_log.txt"), "w")
@@ -289,15 +294,21 @@ def main():
     workers = args.workers if args.workers is not None else max(1, min(6, (os.cpu_count() or 2) - 2))
     # workers fork before CUDA is touched
     loader = Loader(workers, args.seed, buckets, tps, depth=2 * workers + 2)
+    loader.p_min = 0.55 if args.init else 0.0
     torch.manual_seed(args.seed)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    margs = model_args(args.tiny)
-    model = llama.Transformer(margs)
-    init_weights(model)
-    model.to(device)
+    if args.init:  # continue training a saved checkpoint (fp32 master weights)
+        model, _ = llama.load(args.init, device=device, dtype=torch.float32)
+        model.train()
+        margs = model.args
+    else:
+        margs = model_args(args.tiny)
+        model = llama.Transformer(margs)
+        init_weights(model)
+        model.to(device)
     n_params = sum(p.numel() for p in model.parameters())
     log(f"args: {vars(args)}")
     log(f"model: {margs}")
