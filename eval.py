@@ -18,12 +18,14 @@ from model import load
 from policies import POLICIES
 from refreshkv import BUNDLED_MODEL, generate
 
-CONFIGS = [  # (label, policy, knobs)
+CONFIGS = [  # (label, policy, knobs). Pool 31 bytes spans about the text that the paper's 7 BPE tokens do.
     ("full", "full", {}),
-    ("refreshkv S=5", "refreshkv", dict(stride=5)),
-    ("refreshkv S=10", "refreshkv", dict(stride=10)),
-    ("refreshkv qc S=5 s=.85", "refreshkv", dict(stride=5, threshold=0.85)),
-    ("snapkv", "snapkv", {}),
+    ("refreshkv S=5 pool 31", "refreshkv", dict(stride=5, pool=31)),
+    ("refreshkv S=10 pool 31", "refreshkv", dict(stride=10, pool=31)),
+    ("refreshkv qc S=5 s=.85 pool 31", "refreshkv", dict(stride=5, threshold=0.85, pool=31)),
+    ("refreshkv S=10 pool 7", "refreshkv", dict(stride=10)),
+    ("snapkv pool 31", "snapkv", dict(pool=31)),
+    ("snapkv pool 7", "snapkv", {}),
     ("streamingllm", "streamingllm", {}),
     ("h2o", "h2o", {}),
     ("tova", "tova", {}),

@@ -83,16 +83,17 @@ class RefreshKV(Policy):
     everything and refreshes the small cache with the top-K of its scores. Full steps come every
     `stride` steps, or, with `threshold`, at every stride-th step where the query has drifted."""
 
-    def __init__(self, budget, stride=10, threshold=None, refresh_only=False):
+    def __init__(self, budget, stride=10, threshold=None, refresh_only=False, pool=7):
         super().__init__()
-        if budget < 1 or stride < 1:
-            raise ValueError(f"refreshkv needs budget >= 1 and stride >= 1 (got {budget}, {stride})")
+        if budget < 1 or stride < 1 or pool < 1 or pool % 2 == 0:
+            raise ValueError(f"refreshkv needs budget >= 1, stride >= 1 and an odd pool >= 1 (got {budget}, {stride}, {pool})")
         self.budget, self.stride, self.threshold, self.refresh_only = budget, stride, threshold, refresh_only
+        self.pool = pool  # max-pool kernel over positions (7 in the paper, for BPE tokens)
         self.small, self.rank, self.q_mean = {}, {}, {}  # per layer: positions [Hkv, m], their rank, mean query
 
     def refresh(self, layer, probs, q_raw):
         """The small cache becomes the top-K positions of this step's aggregated, pooled scores."""
-        scores = pool(group_max(probs, self.n_kv))  # [Hkv, T]
+        scores = pool(group_max(probs, self.n_kv), self.pool)  # [Hkv, T]
         top = scores.topk(min(self.budget, scores.shape[1]), dim=-1)
         self.small[layer], self.rank[layer] = top.indices, top.values
         self.q_mean[layer] = q_raw.float().mean(0)  # [D], for the similarity schedule
@@ -151,17 +152,19 @@ class SnapKV(Policy):
     """At the end of prefill the last `window` queries vote for prompt positions; the top budget - window
     of them and the window itself are kept for good. Every generated token is kept too."""
 
-    def __init__(self, budget, window=1):
+    def __init__(self, budget, window=1, pool=7):
         super().__init__()
         if not 1 <= window < budget:
             raise ValueError(f"snapkv needs 1 <= window < budget (got window {window}, budget {budget})")
-        self.budget, self.window = budget, window
+        if pool < 1 or pool % 2 == 0:
+            raise ValueError(f"snapkv needs an odd pool >= 1 (got {pool})")
+        self.budget, self.window, self.pool = budget, window, pool
         self.kept = {}  # per layer: prompt positions [Hkv, n]
 
     def prefill(self, layer, q, k, q_raw):
         Hkv, L, _ = k.shape
         w = min(self.window, L - 1)  # at least one prompt position gets a vote
-        votes = pool(group_max(prompt_probs(q[:, L - w:], k).sum(1)[:, :L - w], Hkv))  # [Hkv, L - w]
+        votes = pool(group_max(prompt_probs(q[:, L - w:], k).sum(1)[:, :L - w], Hkv), self.pool)  # [Hkv, L - w]
         top = votes.topk(min(self.budget - w, L - w), dim=-1).indices
         self.kept[layer] = torch.cat([top, positions(torch.arange(L - w, L, device=k.device), Hkv)], 1)
         self.prompt_len = L

@@ -16,7 +16,7 @@ from model import CheckpointError, load
 from policies import POLICIES
 
 BUNDLED_MODEL = Path(__file__).parent / "models" / "refreshkv-tiny"
-KNOBS = ("budget", "stride", "threshold", "refresh_only", "window", "sinks", "page_size")
+KNOBS = ("budget", "stride", "threshold", "refresh_only", "window", "sinks", "page_size", "pool")
 
 
 def sample(logits, temperature, top_p, gen):
@@ -105,6 +105,8 @@ def parse_args(argv):
     p.add_argument("--window", type=int, help="snapkv: observation window (default 1)")
     p.add_argument("--sinks", type=int, help="streamingllm: attention sinks (default 4)")
     p.add_argument("--page-size", type=int, help="quest: page size (default 16)")
+    p.add_argument("--pool", type=int, help="refreshkv, snapkv: odd max-pool kernel over positions (default 7; "
+                                             "31 spans as much text for the byte-level bundled model)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -119,7 +121,7 @@ def parse_args(argv):
         p.error(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         p.error(f"--top-p must lie in (0, 1], got {args.top_p}")
-    for knob in ("stride", "window", "page_size"):
+    for knob in ("stride", "window", "page_size", "pool"):
         if getattr(args, knob) is not None and getattr(args, knob) <= 0:
             p.error(f"--{knob.replace('_', '-')} must be positive, got {getattr(args, knob)}")
     if args.sinks is not None and args.sinks < 0:

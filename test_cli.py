@@ -71,6 +71,8 @@ def test_sampling_is_seeded(capsys, ckpt, prompt):
     (["--prompt", "{prompt}", "--policy", "full", "--budget", "8"], "full takes no --budget"),
     (["--prompt", "{prompt}", "--policy", "streamingllm", "--budget", "4", "--sinks", "4"], "sinks < budget"),
     (["--prompt", "{prompt}", "--policy", "snapkv", "--budget", "8", "--window", "8"], "window < budget"),
+    (["--prompt", "{prompt}", "--policy", "refreshkv", "--pool", "4"], "odd pool"),
+    (["--prompt", "{prompt}", "--policy", "tova", "--pool", "7"], "tova takes no --pool"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, ckpt, prompt, argv, message):
     (tmp_path / "empty.txt").write_text("  \n")
