@@ -7,7 +7,7 @@ called from model.py's attention:
 q_raw is the query before rotary embedding. Attention goes through self.run (the kernel plus
 bookkeeping): run(q, k, v, idx) attends to the positions idx [Hkv, n] and to the current token.
 To add a policy: write a class like the ones below and add its name to POLICIES.
-See ../shared/SPEC.md (or the README) for the precise definition of each one.
+Each class docstring says what the policy keeps; the README has the table and the papers.
 """
 import math
 
