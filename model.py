@@ -273,7 +273,8 @@ def load(path, device="cpu", dtype=torch.float32):
     with torch.device("meta"):
         model = Transformer(args)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
-    to_ours = {hf: ours for ours, hf in hf_names(args).items()}
+    names = hf_names(args)
+    to_ours = {hf: ours for ours, hf in names.items()}
     state = {}
     for file in safetensors_files(path):
         try:
@@ -292,9 +293,9 @@ def load(path, device="cpu", dtype=torch.float32):
             raise
         except Exception as e:  # a truncated or corrupt file
             raise CheckpointError(f"cannot read {file}: {str(e).splitlines()[0]}") from None
-    missing = [name for name in hf_names(args) if name not in state]
+    missing = [name for name in names if name not in state]
     if missing:
-        raise CheckpointError(f"checkpoint lacks {hf_names(args)[missing[0]]} ({len(missing)} tensors missing)")
+        raise CheckpointError(f"checkpoint lacks {names[missing[0]]} ({len(missing)} tensors missing)")
     if args.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, assign=True)

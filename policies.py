@@ -48,6 +48,11 @@ def positions(idx, n_kv):
     return idx[None].expand(n_kv, -1)
 
 
+def current(k):
+    """The current token's position (T-1) for every KV head -> [Hkv, 1]."""
+    return torch.full((k.shape[0], 1), k.shape[1] - 1, device=k.device)
+
+
 class Policy:
     """Full attention: every step attends to every position. The reference, and the base class."""
 
@@ -123,7 +128,7 @@ class RefreshKV(Policy):
         out = self.run(q, k, v, self.small[layer])[0]
         # The current token joins; past K members, the lowest-scored one leaves. A joined token's
         # rank is 1 + its position: above any score, and the oldest joined token ranks lowest.
-        new = torch.full((self.n_kv, 1), T - 1, device=k.device)
+        new = current(k)
         small = torch.cat([self.small[layer], new], 1)
         rank = torch.cat([self.rank[layer], 1.0 + new.to(self.rank[layer].dtype)], 1)
         if small.shape[1] > self.budget:
@@ -200,7 +205,7 @@ class H2O(Policy):
         T = k.shape[1]
         out, probs = self.run(q, k, v, self.kept[layer], scores=True)
         got = group_max(probs, k.shape[0])  # [Hkv, n + 1], the current token last
-        kept = torch.cat([self.kept[layer], torch.full_like(got[:, :1], T - 1, dtype=torch.long)], 1)
+        kept = torch.cat([self.kept[layer], current(k)], 1)
         acc = torch.cat([self.acc[layer], torch.zeros_like(got[:, :1])], 1) + got
         if kept.shape[1] > self.budget:  # the non-recent position with the smallest score leaves
             recent = kept > T - 1 - self.budget // 2
@@ -226,7 +231,7 @@ class TOVA(Policy):
 
     def attend(self, layer, q, k, v, q_raw):
         out, probs = self.run(q, k, v, self.kept[layer], scores=True)
-        kept = torch.cat([self.kept[layer], torch.full_like(self.kept[layer][:, :1], k.shape[1] - 1)], 1)
+        kept = torch.cat([self.kept[layer], current(k)], 1)
         if kept.shape[1] > self.budget:
             kept, = drop_lowest(positions(probs.mean(0), k.shape[0]), kept)
         self.kept[layer] = kept
