@@ -7,7 +7,9 @@ Each (length, policy) is one refreshkv.generate() call on a prompt of random tok
   prefill s   from the call to the first token (cache setup, prompt forward, the policy's prefill)
   ms/step     mean host time between decoded tokens (greedy sampling syncs once per step), over
               the steps after WARMUP; a step over 5x the median (a JIT compile) is dropped and counted
-  host ms     host time to issue one forward: close to ms/step means the step waits on the CPU
+  graph       share of the timed steps replayed from a CUDA graph (refreshkv's similarity check steps
+              read a value on the host and run without one)
+  host ms     host time to issue one forward, over the timed steps run without a graph (--eager: all)
   floor ms    (weight bytes + the K/V bytes the policy read) / copy bandwidth measured in this run
   bookkeep    the steps after the timed ones run with the attention kernel swapped for a stub (right
               shapes, reads nothing): (stub ms/step of the policy - stub ms/step of full) / ms/step
@@ -38,6 +40,7 @@ p.add_argument("--budget", default="0.125", help="K as a fraction of the prompt 
 p.add_argument("--policies", default=",".join(RUNS))
 p.add_argument("--layers", type=int, help="decoder layers (GPU 32, CPU 4)")
 p.add_argument("--time-budget", type=float, default=480, help="seconds; runs that would not fit are skipped")
+p.add_argument("--eager", action="store_true", help="no CUDA graphs: every step issued from Python")
 p.add_argument("--out", default=".")
 args = p.parse_args()
 
@@ -94,7 +97,7 @@ def copy_bandwidth():
     return 2 * x.nbytes * 10 / best
 
 
-def stub(q, k, v, idx=None, scores=False, kernel="auto"):
+def stub(q, k, v, pos, idx=None, scores=False, kernel="auto"):
     """Stands in for decode_attention when timing the bookkeeping: right shapes, no cache reads."""
     STUB_CALLS[0] += 1
     n = k.shape[1] if idx is None else idx.shape[1] + 1
@@ -128,8 +131,9 @@ def run(model, prompt, name):
     real = max(1, (n_dec - WARMUP) // 2)
     real = real // 10 * 10 if real >= 10 else real  # whole strides: the fixed schedule's share exactly
     marks, stops, snap = [], [], {}
-    hooks = [model.register_forward_pre_hook(lambda *a: marks.append(time.perf_counter())),
-             model.register_forward_hook(lambda *a: marks.append(time.perf_counter()))]
+    hooks = [model.register_forward_pre_hook(lambda *a: marks.append((len(stops), time.perf_counter()))),
+             model.register_forward_hook(lambda *a: marks.append((len(stops), time.perf_counter())))]
+    graphs = False if args.eager or DEV != "cuda" else {}
     if DEV == "cuda":
         torch.cuda.reset_peak_memory_stats()
     gc.collect()
@@ -138,13 +142,15 @@ def run(model, prompt, name):
     try:
         sync()
         t0 = time.perf_counter()
-        for i, _ in enumerate(generate(model, prompt, pol, NEW)):
+        for i, _ in enumerate(generate(model, prompt, pol, NEW, graphs=graphs)):
             sync()
             stops.append(time.perf_counter())
             if i in (WARMUP, WARMUP + real):  # counters around the timed steps
-                snap[i] = (pol.steps, pol.full, pol.read)
+                snap[i] = pol.stats()
             if i == WARMUP + real:
                 policies.decode_attention = stub
+                if graphs:
+                    graphs.clear()  # captured again, with the stub
     finally:
         policies.decode_attention = REAL_KERNEL
         gc.enable()
@@ -152,12 +158,18 @@ def run(model, prompt, name):
             h.remove()
     steps = [b - a for a, b in zip(stops, stops[1:])]  # steps[j] made token j + 1
     ms, outliers = mean_steps(steps[WARMUP:WARMUP + real])
-    stub_steps = steps[WARMUP + real + 1:]  # the first stub step is its warm-up
-    (s0, f0, r0), (s1, f1, r1) = snap[WARMUP], snap[WARMUP + real]
-    host = [marks[2 * j + 1] - marks[2 * j] for j in range(WARMUP + 1, WARMUP + real + 1)]
-    return dict(prefill_s=stops[0] - t0, ms=ms, outliers=outliers, host_ms=mean_steps(host)[0],
+    stub_steps = steps[WARMUP + real + 1:]  # the first stub step is its warm-up (and capture)
+    a, b = snap[WARMUP], snap[WARMUP + real]
+    d = {key: b[key] - a[key] for key in a}
+    # forward calls made while token j + 1 was being computed, for the timed steps: steps run without a graph
+    calls = {}
+    for (j, t_pre), (_, t_post) in zip(marks[2::2], marks[3::2]):
+        calls.setdefault(j, []).append(t_post - t_pre)
+    eager = [sum(calls[j]) for j in range(WARMUP + 1, WARMUP + real + 1) if j in calls]
+    return dict(prefill_s=stops[0] - t0, ms=ms, outliers=outliers, graph=1 - len(eager) / real,
+                host_ms=mean_steps(eager)[0] if eager else None,
                 stub_ms=mean_steps(stub_steps)[0] if stub_steps and STUB_CALLS[0] else None,
-                full_frac=(f1 - f0) / (s1 - s0), read=(r1 - r0) / (s1 - s0), timed_steps=real,
+                full_frac=d["full"] / d["steps"], read=d["read"] / d["steps"], timed_steps=real,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else None)
 
 
@@ -207,14 +219,15 @@ def predict(base, h2o, L, name, model, bw):
 
 
 def table(rows):
-    head = ["length", "policy", "layers", "prefill s", "ms/step", "tok/s", "vs full", "host ms",
+    head = ["length", "policy", "layers", "prefill s", "ms/step", "tok/s", "vs full", "graph", "host ms",
             "full-step frac", "read/layer-step", "floor ms", "bookkeep", "peak GiB", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     f = lambda x, fmt: "—" if x is None else format(x, fmt)
     for r in rows:
         lines.append("| " + " | ".join([f"{r['length'] // 1024}K" if r["length"] >= 1024 else str(r["length"]),
             r["policy"], str(r.get("layers", "—")), f(r.get("prefill_s"), ".2f"), f(r.get("ms"), ".2f"),
-            f(r.get("ms") and 1e3 / r["ms"], ".1f"), f(r.get("speedup"), ".2f"), f(r.get("host_ms"), ".2f"),
+            f(r.get("ms") and 1e3 / r["ms"], ".1f"), f(r.get("speedup"), ".2f"), f(r.get("graph"), ".0%"),
+            f(r.get("host_ms"), ".2f"),
             f(r.get("full_frac"), ".3f"), f(r.get("read"), ".0f"), f(r.get("floor_ms"), ".2f"),
             f(r.get("bookkeep"), ".1%"), f(r.get("peak_gib"), ".1f"), r.get("note", "")]) + " |")
     return "\n".join(lines)

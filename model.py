@@ -2,9 +2,10 @@
 
 The KV cache keeps every token (the full cache). On a decode step each layer hands its new
 query and the cache to a policy (policies.py), which decides what the query attends to:
-    policy.prefill(layer, q, k, q_raw)     after the prompt's causal attention
-    policy.attend(layer, q, k, v, q_raw)   -> out [H, D]   on each decoded token
-q_raw is the query before rotary embedding. With no policy, every step is full attention.
+    policy.prefill(layer, q, k, q_raw)          after the prompt's causal attention
+    policy.attend(layer, q, k, v, pos, q_raw)   -> out [H, D]   on each decoded token
+k, v are the whole cache buffers [Hkv, max_len, D]; pos [1] the current token's position, a device
+tensor; q_raw the query before rotary embedding. With no policy, every step is full attention.
 """
 import json
 import math
@@ -92,28 +93,28 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache_k = self.cache_v = None  # [Hkv, max_len, D] once setup_cache is called
 
-    def forward(self, x, cos, sin, start_pos=None, policy=None):
+    def forward(self, x, cos, sin, pos=None, policy=None):
         B, L, _ = x.shape
         q = self.wq(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
         k = self.wk(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, D]
         v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q_raw = q
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if start_pos is None:  # training: plain causal attention, no cache
+        if pos is None:  # training: plain causal attention, no cache
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:  # inference, batch 1: write the new keys and values into the full cache
-            T = start_pos + L
-            self.cache_k[:, start_pos:T] = k[0]
-            self.cache_v[:, start_pos:T] = v[0]
-            k, v = self.cache_k[:, :T], self.cache_v[:, :T]  # [Hkv, T, D]
-            if L > 1:  # prefill: causal attention over the prompt, then the policy sees it
-                y = F.scaled_dot_product_attention(q, k[None], v[None], is_causal=True, enable_gqa=True)
+        else:  # inference, batch 1: write the new keys and values into the full cache at pos [L]
+            self.cache_k.index_copy_(1, pos, k[0])
+            self.cache_v.index_copy_(1, pos, v[0])
+            if L > 1:  # prefill (from position 0): causal attention over the prompt, then the policy sees it
+                y = F.scaled_dot_product_attention(q, self.cache_k[None, :, :L], self.cache_v[None, :, :L],
+                                                   is_causal=True, enable_gqa=True)
                 if policy is not None:
-                    policy.prefill(self.layer_id, q[0], k, q_raw[0])
+                    policy.prefill(self.layer_id, q[0], self.cache_k, q_raw[0])
             elif policy is not None:  # decode: the policy chooses what the query attends to
-                y = policy.attend(self.layer_id, q[0, :, 0], k, v, q_raw[0, :, 0])[None, :, None]
+                y = policy.attend(self.layer_id, q[0, :, 0], self.cache_k, self.cache_v, pos, q_raw[0, :, 0])
+                y = y[None, :, None]
             else:
-                y = decode_attention(q[0, :, 0], k, v)[0][None, :, None]
+                y = decode_attention(q[0, :, 0], self.cache_k, self.cache_v, pos)[0][None, :, None]
         return self.wo(y.transpose(1, 2).reshape(B, L, -1))
 
 
@@ -136,8 +137,8 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, start_pos=None, policy=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, policy)
+    def forward(self, x, cos, sin, pos=None, policy=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, pos, policy)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -155,17 +156,21 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, start_pos=None, policy=None):
         """tokens [B, L] -> logits. Training (start_pos None): [B, L, vocab].
-        Inference (batch 1, cache set up): tokens sit at start_pos.., logits of the last one [1, 1, vocab]."""
+        Inference (batch 1, cache set up): the tokens sit at start_pos.. (an int, or a one-element
+        tensor on the device, so that a decode step can be captured once in a CUDA graph and
+        replayed at every position); a prompt starts at 0. Returns the last one's logits [1, 1, vocab]."""
         B, L = tokens.shape
         if self.inv_freq.device != tokens.device:
             self.inv_freq = self.inv_freq.to(tokens.device)
-        pos = torch.arange(L, device=tokens.device) + (start_pos or 0)
+        if L > 1 and start_pos is not None and not (isinstance(start_pos, int) and start_pos == 0):
+            raise ValueError("a prompt (more than one token) must start at position 0")
+        pos = torch.arange(L, device=tokens.device) + (0 if start_pos is None else start_pos)  # [L]
         freqs = torch.outer(pos.float(), self.inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)  # [L, D]
         h = self.tok_embeddings(tokens)
         cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
         for layer in self.layers:
-            h = layer(h, cos, sin, start_pos, policy)
+            h = layer(h, cos, sin, None if start_pos is None else pos, policy)
         if start_pos is not None:
             h = h[:, -1:]  # only the last position's logits are needed to decode
         return self.output(self.norm(h)).float()

@@ -2,10 +2,16 @@
 
 The model keeps the full cache; a policy only holds positions (per layer and KV head) and is
 called from model.py's attention:
-    prefill(layer, q, k, q_raw)       q [H, L, D] and k [Hkv, L, D] of the prompt
-    attend(layer, q, k, v, q_raw)     q [H, D]; k, v [Hkv, T, D], the current token at T-1 -> out [H, D]
-q_raw is the query before rotary embedding. Attention goes through self.run (the kernel plus
-bookkeeping): run(q, k, v, idx) attends to the positions idx [Hkv, n] and to the current token.
+    prefill(layer, q, k, q_raw)            q [H, L, D] the prompt's queries; k [Hkv, N, D] the cache, prompt at 0..L-1
+    attend(layer, q, k, v, pos, q_raw)     q [H, D]; k, v [Hkv, N, D] the cache, filled up to pos -> out [H, D]
+pos [1] is the current token's position, a tensor on the device; q_raw the query before rotary
+embedding. Attention goes through self.run (the kernel plus counting): run(q, k, v, pos, idx)
+attends to the positions idx [Hkv, n] (entries < 0 are empty slots) and to the current token.
+
+A decode step is captured once in a CUDA graph and replayed at every position (refreshkv.py), so
+attend keeps to three rules: no host syncs (never read a tensor's value on the host), fixed shapes
+(an [Hkv, K] selection with empty slots, not a growing one), and state made in prefill and updated
+in place (copy_, scatter_). What may differ between steps goes through plan(t), on the host.
 To add a policy: write a class like the ones below and add its name to POLICIES.
 Each class docstring says what the policy keeps; the README has the table and the papers.
 """
@@ -37,8 +43,18 @@ def prompt_probs(q, k):
     return s.masked_fill(future, float("-inf")).softmax(-1).view(H, w, L)
 
 
+def top(scores, k, last=None):
+    """Per row, the k positions with the highest scores [Hkv, N] (only positions <= last, if given)
+    -> (positions, scores) [Hkv, k]. Slots with no position left are empty: -1 and -inf."""
+    if last is not None:
+        scores = scores.masked_fill(torch.arange(scores.shape[1], device=scores.device) > last, float("-inf"))
+    scores = F.pad(scores, (0, max(0, k - scores.shape[1])), value=float("-inf"))
+    best = scores.topk(k, dim=-1)
+    return best.indices.masked_fill(best.values == float("-inf"), -1), best.values
+
+
 def drop_lowest(rank, *xs):
-    """Per KV head, remove the entry of lowest rank from each x [Hkv, n] (the last entry fills its slot)."""
+    """Per row, remove the entry of lowest rank from each x [Hkv, n] (the last entry fills its slot)."""
     out = rank.argmin(1, keepdim=True)
     return [x.scatter(1, out, x[:, -1:])[:, :-1] for x in xs]
 
@@ -48,9 +64,9 @@ def positions(idx, n_kv):
     return idx[None].expand(n_kv, -1)
 
 
-def current(k):
-    """The current token's position (T-1) for every KV head -> [Hkv, 1]."""
-    return torch.full((k.shape[0], 1), k.shape[1] - 1, device=k.device)
+def current(pos, n_kv):
+    """The current token's position for every KV head -> [Hkv, 1]."""
+    return pos.view(1, 1).expand(n_kv, 1)
 
 
 class Policy:
@@ -58,29 +74,41 @@ class Policy:
 
     kernel = "auto"  # decode_attention's kernel: "auto", "torch" or "triton"
 
-    def __init__(self):
-        # Summed over layer-steps: steps, full steps (read every position), positions attended,
-        # positions read (a position's key and value), positions a full step would read.
-        self.steps = self.full = self.attended = self.read = self.dense = 0
-
     def prefill(self, layer, q, k, q_raw):
-        pass
+        self.n_kv, self.prompt_len = k.shape[0], q.shape[1]
+        if layer == 0 or not hasattr(self, "count"):  # steps, full, attended, read, dense; summed over layer-steps
+            self.count = torch.zeros(5, dtype=torch.float64, device=k.device)
 
-    def attend(self, layer, q, k, v, q_raw):
-        return self.run(q, k, v)[0]
+    def plan(self, t):
+        """Called on the host before the decode step that makes token t (t >= 2). Steps with the same
+        plan run the same kernels and share one CUDA graph; None: run this step without one."""
+        return "decode"
 
-    def run(self, q, k, v, idx=None, scores=False):
-        """The attention whose output the step uses, over idx [Hkv, n] (None: every position), counted."""
-        T = k.shape[1]
-        n = T if idx is None else idx.shape[1] + 1
-        self.steps, self.full, self.attended = self.steps + 1, self.full + (idx is None), self.attended + n
-        self.read, self.dense = self.read + n, self.dense + T
-        return decode_attention(q, k, v, idx, scores, self.kernel)
+    def attend(self, layer, q, k, v, pos, q_raw):
+        return self.run(q, k, v, pos)[0]
 
-    def score_pass(self, q, k, v):
-        """An extra full pass for its scores alone [H, T]; it reads every position (a full step)."""
-        self.read, self.full = self.read + k.shape[1], self.full + 1
-        return decode_attention(q, k, v, None, True, self.kernel)[1]
+    def run(self, q, k, v, pos, idx=None, scores=False, extra=0):
+        """The attention whose output the step uses, over idx [Hkv, n] (None: every position up to pos),
+        counted: positions attended (per KV head), read (plus `extra`, e.g. page bounds), and those a
+        full step would read. The counters live on the device, so graph replays count too."""
+        if idx is None:
+            n = (pos + 1).double()
+        else:
+            n = (idx >= 0).sum(1).double().mean(0, keepdim=True) + 1
+        full = torch.ones_like(n) if idx is None else torch.zeros_like(n)
+        self.count += torch.cat([torch.ones_like(n), full, n, n + extra, (pos + 1).double()])
+        return decode_attention(q, k, v, pos, idx, scores, self.kernel)
+
+    def score_pass(self, q, k, v, pos):
+        """An extra full pass for its scores alone [H, N]; it reads every position (a full step)."""
+        read = (pos + 1).double()
+        self.count += torch.cat([torch.zeros_like(read), torch.ones_like(read), torch.zeros_like(read), read,
+                                 torch.zeros_like(read)])
+        return decode_attention(q, k, v, pos, None, True, self.kernel)[1]
+
+    def stats(self):
+        """The counters as numbers (a host sync: read them after generating)."""
+        return dict(zip(("steps", "full", "attended", "read", "dense"), self.count.tolist()))
 
 
 class RefreshKV(Policy):
@@ -89,51 +117,56 @@ class RefreshKV(Policy):
     `stride` steps, or, with `threshold`, at every stride-th step where the query has drifted."""
 
     def __init__(self, budget, stride=10, threshold=None, refresh_only=False, pool=7):
-        super().__init__()
         if budget < 1 or stride < 1 or pool < 1 or pool % 2 == 0:
             raise ValueError(f"refreshkv needs budget >= 1, stride >= 1 and an odd pool >= 1 (got {budget}, {stride}, {pool})")
         self.budget, self.stride, self.threshold, self.refresh_only = budget, stride, threshold, refresh_only
         self.pool = pool  # max-pool kernel over positions (7 in the paper, for BPE tokens)
-        self.small, self.rank, self.q_mean = {}, {}, {}  # per layer: positions [Hkv, m], their rank, mean query
+        self.small, self.rank, self.q_mean = {}, {}, {}  # per layer: positions [Hkv, K], their rank, mean query
+        self.t = 1
 
-    def refresh(self, layer, probs, q_raw):
+    def refresh(self, layer, probs, q_raw, last=None):
         """The small cache becomes the top-K positions of this step's aggregated, pooled scores."""
-        scores = pool(group_max(probs, self.n_kv), self.pool)  # [Hkv, T]
-        top = scores.topk(min(self.budget, scores.shape[1]), dim=-1)
-        self.small[layer], self.rank[layer] = top.indices, top.values
-        self.q_mean[layer] = q_raw.float().mean(0)  # [D], for the similarity schedule
+        small, rank = top(pool(group_max(probs, self.n_kv), self.pool), self.budget, last)
+        self.small[layer].copy_(small)
+        self.rank[layer].copy_(rank)
+        self.q_mean[layer].copy_(q_raw.float().mean(0))  # [D], for the similarity schedule
 
     def prefill(self, layer, q, k, q_raw):
-        self.n_kv, self.prompt_len = k.shape[0], k.shape[1]
-        self.refresh(layer, prompt_probs(q[:, -1:], k)[:, 0], q_raw[:, -1])
+        super().prefill(layer, q, k, q_raw)
+        self.small[layer] = torch.empty(self.n_kv, self.budget, dtype=torch.long, device=k.device)
+        self.rank[layer] = torch.empty(self.n_kv, self.budget, device=k.device)
+        self.q_mean[layer] = torch.empty(q.shape[-1], device=k.device)
+        self.refresh(layer, prompt_probs(q[:, -1:], k[:, :self.prompt_len])[:, 0], q_raw[:, -1])
 
-    def full_step(self, layer, t, q_raw):
+    def plan(self, t):
+        self.t = t
         if t % self.stride:
+            return "partial"
+        return "full" if self.threshold is None else None  # the similarity check reads a value on the host
+
+    def full_step(self, layer, q_raw):
+        if self.t % self.stride:
             return False
         if self.threshold is None:
             return True
         return F.cosine_similarity(q_raw.float().mean(0), self.q_mean[layer], dim=0).item() < self.threshold
 
-    def attend(self, layer, q, k, v, q_raw):
-        T = k.shape[1]
-        t = T - self.prompt_len + 1  # this step generates token t (token 1 came from the prefill)
-        if self.full_step(layer, t, q_raw):
+    def attend(self, layer, q, k, v, pos, q_raw):
+        if self.full_step(layer, q_raw):
             if self.refresh_only:  # the ablation: partial attention for the token, full scores for the refresh
-                probs = self.score_pass(q, k, v)
-                out = self.run(q, k, v, self.small[layer])[0]
+                probs = self.score_pass(q, k, v, pos)
+                out = self.run(q, k, v, pos, self.small[layer])[0]
             else:
-                out, probs = self.run(q, k, v, None, scores=True)
-            self.refresh(layer, probs, q_raw)
+                out, probs = self.run(q, k, v, pos, None, scores=True)
+            self.refresh(layer, probs, q_raw, pos)
             return out
-        out = self.run(q, k, v, self.small[layer])[0]
-        # The current token joins; past K members, the lowest-scored one leaves. A joined token's
-        # rank is 1 + its position: above any score, and the oldest joined token ranks lowest.
-        new = current(k)
-        small = torch.cat([self.small[layer], new], 1)
-        rank = torch.cat([self.rank[layer], 1.0 + new.to(self.rank[layer].dtype)], 1)
-        if small.shape[1] > self.budget:
-            small, rank = drop_lowest(rank, small, rank)
-        self.small[layer], self.rank[layer] = small, rank
+        out = self.run(q, k, v, pos, self.small[layer])[0]
+        # The current token joins and the lowest-ranked member leaves (an empty slot first). A joined
+        # token's rank is 1 + its position: above any score, and the oldest joined token ranks lowest.
+        slot = self.rank[layer].argmin(1, keepdim=True)
+        new = current(pos, self.n_kv)
+        self.small[layer].scatter_(1, slot, new)
+        self.rank[layer].scatter_(1, slot, 1.0 + new.float())
         return out
 
 
@@ -141,16 +174,15 @@ class StreamingLLM(Policy):
     """Attention sinks: the first `sinks` positions and the most recent budget - sinks ones."""
 
     def __init__(self, budget, sinks=4):
-        super().__init__()
         if not 0 <= sinks < budget:
             raise ValueError(f"streamingllm needs 0 <= sinks < budget (got sinks {sinks}, budget {budget})")
         self.budget, self.sinks = budget, sinks
 
-    def attend(self, layer, q, k, v, q_raw):
-        n = k.shape[1] - 1  # past positions
-        window = max(self.sinks, n - (self.budget - self.sinks))
-        idx = torch.cat([torch.arange(min(self.sinks, n), device=k.device), torch.arange(window, n, device=k.device)])
-        return self.run(q, k, v, positions(idx, k.shape[0]))[0]
+    def attend(self, layer, q, k, v, pos, q_raw):
+        slot = torch.arange(self.budget, device=k.device)
+        idx = torch.where(slot < self.sinks, slot, pos - self.budget + slot)  # sinks, then the window before pos
+        empty = (idx >= pos) | ((slot >= self.sinks) & (idx < self.sinks))  # not yet there, or a sink already
+        return self.run(q, k, v, pos, positions(idx.masked_fill(empty, -1), self.n_kv))[0]
 
 
 class SnapKV(Policy):
@@ -158,25 +190,28 @@ class SnapKV(Policy):
     of them and the window itself are kept for good. Every generated token is kept too."""
 
     def __init__(self, budget, window=1, pool=7):
-        super().__init__()
         if not 1 <= window < budget:
             raise ValueError(f"snapkv needs 1 <= window < budget (got window {window}, budget {budget})")
         if pool < 1 or pool % 2 == 0:
             raise ValueError(f"snapkv needs an odd pool >= 1 (got {pool})")
         self.budget, self.window, self.pool = budget, window, pool
-        self.kept = {}  # per layer: prompt positions [Hkv, n]
+        self.kept = {}  # per layer: [Hkv, budget + room for every generated token]
 
     def prefill(self, layer, q, k, q_raw):
-        Hkv, L, _ = k.shape
+        super().prefill(layer, q, k, q_raw)
+        Hkv, L = self.n_kv, self.prompt_len
         w = min(self.window, L - 1)  # at least one prompt position gets a vote
-        votes = pool(group_max(prompt_probs(q[:, L - w:], k).sum(1)[:, :L - w], Hkv), self.pool)  # [Hkv, L - w]
-        top = votes.topk(min(self.budget - w, L - w), dim=-1).indices
-        self.kept[layer] = torch.cat([top, positions(torch.arange(L - w, L, device=k.device), Hkv)], 1)
-        self.prompt_len = L
+        votes = pool(group_max(prompt_probs(q[:, L - w:], k[:, :L]).sum(1)[:, :L - w], Hkv), self.pool)  # [Hkv, L - w]
+        voted = top(votes, self.budget - w)[0]
+        window = positions(torch.arange(L - w, L, device=k.device), Hkv)
+        generated = torch.full((Hkv, k.shape[1] - L), -1, device=k.device)  # empty until each token comes
+        self.kept[layer] = torch.cat([voted, window, generated], 1)
 
-    def attend(self, layer, q, k, v, q_raw):
-        generated = torch.arange(self.prompt_len, k.shape[1] - 1, device=k.device)
-        return self.run(q, k, v, torch.cat([self.kept[layer], positions(generated, k.shape[0])], 1))[0]
+    def attend(self, layer, q, k, v, pos, q_raw):
+        out = self.run(q, k, v, pos, self.kept[layer])[0]
+        # the current token takes its own slot among the generated ones
+        self.kept[layer].index_copy_(1, pos - self.prompt_len + self.budget, current(pos, self.n_kv))
+        return out
 
 
 class H2O(Policy):
@@ -184,33 +219,35 @@ class H2O(Policy):
     budget/2 most recent positions and the rest of the budget with the largest accumulated score."""
 
     def __init__(self, budget, block=256):
-        super().__init__()
         if budget < 2:
             raise ValueError(f"h2o needs budget >= 2 (got {budget})")
         self.budget, self.block = budget, block
-        self.kept, self.acc = {}, {}  # per layer: positions [Hkv, n] and their accumulated scores
+        self.kept, self.acc = {}, {}  # per layer: positions [Hkv, K] and their accumulated scores
 
     def prefill(self, layer, q, k, q_raw):
-        Hkv, L, _ = k.shape
+        super().prefill(layer, q, k, q_raw)
+        Hkv, L = self.n_kv, self.prompt_len
         acc = torch.zeros(Hkv, L, device=k.device)
         for e in range(L, 0, -self.block):  # queries in blocks, never an L x L matrix
             p = prompt_probs(q[:, max(0, e - self.block):e], k[:, :e])  # [H, b, e]
             acc[:, :e] += p.view(Hkv, -1, *p.shape[1:]).amax(1).sum(1)  # each query's group max, summed
         recent = min(self.budget // 2, L)
-        heavy = acc[:, :L - recent].topk(min(self.budget - recent, L - recent), dim=-1).indices
-        self.kept[layer] = torch.cat([heavy, positions(torch.arange(L - recent, L, device=k.device), Hkv)], 1)
-        self.acc[layer] = acc.gather(1, self.kept[layer])
+        heavy = top(acc[:, :L - recent], self.budget - recent)[0]
+        kept = torch.cat([heavy, positions(torch.arange(L - recent, L, device=k.device), Hkv)], 1)
+        self.kept[layer] = kept
+        self.acc[layer] = acc.gather(1, kept.clamp(min=0)).masked_fill(kept < 0, float("-inf"))
 
-    def attend(self, layer, q, k, v, q_raw):
-        T = k.shape[1]
-        out, probs = self.run(q, k, v, self.kept[layer], scores=True)
-        got = group_max(probs, k.shape[0])  # [Hkv, n + 1], the current token last
-        kept = torch.cat([self.kept[layer], current(k)], 1)
-        acc = torch.cat([self.acc[layer], torch.zeros_like(got[:, :1])], 1) + got
-        if kept.shape[1] > self.budget:  # the non-recent position with the smallest score leaves
-            recent = kept > T - 1 - self.budget // 2
-            kept, acc = drop_lowest(acc.masked_fill(recent, float("inf")), kept, acc)
-        self.kept[layer], self.acc[layer] = kept, acc
+    def attend(self, layer, q, k, v, pos, q_raw):
+        kept, acc = self.kept[layer], self.acc[layer]
+        out, probs = self.run(q, k, v, pos, kept, scores=True)
+        got = group_max(probs, self.n_kv)  # [Hkv, K + 1], the current token last
+        acc += got[:, :-1]
+        # The current token joins; the non-recent member with the smallest score leaves (an empty
+        # slot first). The current token is recent itself, so it takes that slot.
+        recent = kept > pos - self.budget // 2
+        slot = acc.masked_fill(recent, float("inf")).argmin(1, keepdim=True)
+        kept.scatter_(1, slot, current(pos, self.n_kv))
+        acc.scatter_(1, slot, got[:, -1:])
         return out
 
 
@@ -219,22 +256,21 @@ class TOVA(Policy):
     (mean over all the layer's heads); each step the lowest one leaves for good."""
 
     def __init__(self, budget):
-        super().__init__()
         if budget < 1:
             raise ValueError(f"tova needs budget >= 1 (got {budget})")
         self.budget = budget
-        self.kept = {}  # per layer: positions [Hkv, n], the same for every KV head
+        self.kept = {}  # per layer: positions [Hkv, K], the same for every KV head
 
     def prefill(self, layer, q, k, q_raw):
-        scores = prompt_probs(q[:, -1:], k)[:, 0].mean(0)  # [L]
-        self.kept[layer] = positions(scores.topk(min(self.budget, k.shape[1])).indices, k.shape[0])
+        super().prefill(layer, q, k, q_raw)
+        scores = prompt_probs(q[:, -1:], k[:, :self.prompt_len])[:, 0].mean(0)  # [L]
+        self.kept[layer] = top(scores[None], self.budget)[0].repeat(self.n_kv, 1)
 
-    def attend(self, layer, q, k, v, q_raw):
-        out, probs = self.run(q, k, v, self.kept[layer], scores=True)
-        kept = torch.cat([self.kept[layer], current(k)], 1)
-        if kept.shape[1] > self.budget:
-            kept, = drop_lowest(positions(probs.mean(0), k.shape[0]), kept)
-        self.kept[layer] = kept
+    def attend(self, layer, q, k, v, pos, q_raw):
+        out, probs = self.run(q, k, v, pos, self.kept[layer], scores=True)
+        kept = torch.cat([self.kept[layer], current(pos, self.n_kv)], 1)
+        score = probs.mean(0).masked_fill(kept[0] < 0, -1.0)  # [K + 1]; an empty slot goes first
+        self.kept[layer].copy_(drop_lowest(positions(score, self.n_kv), kept)[0])
         return out
 
 
@@ -244,45 +280,42 @@ class Quest(Policy):
     including the newest page. The first two layers attend densely."""
 
     def __init__(self, budget, page_size=16):
-        super().__init__()
         if budget < 1 or page_size < 1:
             raise ValueError(f"quest needs budget >= 1 and page size >= 1 (got {budget}, {page_size})")
         self.pages, self.page_size = math.ceil(budget / page_size), page_size
-        self.kmin, self.kmax = {}, {}  # per layer: [Hkv, n_pages, D]
+        self.kmin, self.kmax = {}, {}  # per layer: [Hkv, pages of the whole cache, D]
 
     def prefill(self, layer, q, k, q_raw):
+        super().prefill(layer, q, k, q_raw)
         if layer < 2:
             return
-        Hkv, L, D = k.shape
-        pad = -L % self.page_size
-        kp = F.pad(k, (0, 0, 0, pad)).view(Hkv, -1, self.page_size, D)
-        full = torch.arange(L + pad, device=k.device).view(-1, self.page_size)[:, :, None] < L  # [n_pages, P, 1]
-        self.kmin[layer] = kp.masked_fill(~full, float("inf")).amin(2)
-        self.kmax[layer] = kp.masked_fill(~full, float("-inf")).amax(2)
+        (Hkv, N, D), L, P = k.shape, self.prompt_len, self.page_size
+        kp = F.pad(k[:, :L], (0, 0, 0, -L % P)).view(Hkv, -1, P, D)
+        filled = torch.arange(kp.shape[1] * P, device=k.device).view(-1, P)[:, :, None] < L  # [pages, P, 1]
+        self.kmin[layer] = torch.zeros(Hkv, math.ceil(N / P), D, dtype=k.dtype, device=k.device)
+        self.kmax[layer] = torch.zeros_like(self.kmin[layer])
+        self.kmin[layer][:, :kp.shape[1]] = kp.masked_fill(~filled, float("inf")).amin(2)
+        self.kmax[layer][:, :kp.shape[1]] = kp.masked_fill(~filled, float("-inf")).amax(2)
 
-    def attend(self, layer, q, k, v, q_raw):
-        Hkv, T, D = k.shape
+    def attend(self, layer, q, k, v, pos, q_raw):
         if layer < 2:
-            return self.run(q, k, v)[0]
-        cur, P = T - 1, self.page_size
-        key = k[:, cur:cur + 1]  # the current token's key enters the newest page's bounds
-        if cur % P == 0:
-            self.kmin[layer] = torch.cat([self.kmin[layer], key], 1)
-            self.kmax[layer] = torch.cat([self.kmax[layer], key], 1)
-        else:
-            self.kmin[layer][:, -1:] = torch.minimum(self.kmin[layer][:, -1:], key)
-            self.kmax[layer][:, -1:] = torch.maximum(self.kmax[layer][:, -1:], key)
+            return self.run(q, k, v, pos)[0]
+        (Hkv, N, D), P = k.shape, self.page_size
+        kmin, kmax, page = self.kmin[layer], self.kmax[layer], pos // P
+        # The current token's key enters its page's bounds (a new page starts from it).
+        key, first = k.index_select(1, pos), pos % P == 0  # [Hkv, 1, D]
+        kmin.index_copy_(1, page, torch.where(first, key, torch.minimum(kmin.index_select(1, page), key)))
+        kmax.index_copy_(1, page, torch.where(first, key, torch.maximum(kmax.index_select(1, page), key)))
         # Upper bound of q.k over a page: sum_d max(q_d min_d, q_d max_d), then the max over the group.
         qg = q.view(Hkv, -1, D)
-        bound = qg.clamp(min=0) @ self.kmax[layer].transpose(1, 2) + qg.clamp(max=0) @ self.kmin[layer].transpose(1, 2)
-        bound = bound.float().amax(1)  # [Hkv, n_pages]
-        bound[:, -1] = float("inf")  # the newest page always comes
-        self.read += bound.shape[1]  # min and max of each page: as many bytes as one position's key and value
-        pages = bound.topk(min(self.pages, bound.shape[1]), dim=-1).indices  # the newest page first
-        offsets = torch.arange(P, device=k.device)
-        older = (pages[:, 1:, None] * P + offsets).flatten(1)
-        newest = positions(torch.arange(cur - cur % P, cur, device=k.device), Hkv)
-        return self.run(q, k, v, torch.cat([older, newest], 1))[0]
+        bound = (qg.clamp(min=0) @ kmax.transpose(1, 2) + qg.clamp(max=0) @ kmin.transpose(1, 2)).float().amax(1)
+        p = torch.arange(bound.shape[1], device=k.device)
+        bound = bound.masked_fill(p > page, float("-inf")).masked_fill(p == page, float("inf"))  # newest page always
+        best = bound.topk(min(self.pages, bound.shape[1]), dim=-1)  # [Hkv, pages]
+        idx = best.indices[:, :, None] * P + torch.arange(P, device=k.device)  # [Hkv, pages, P]
+        idx = idx.masked_fill((best.values[:, :, None] == float("-inf")) | (idx >= pos), -1).flatten(1)
+        # min and max of each page so far: as many bytes as one position's key and value
+        return self.run(q, k, v, pos, idx, extra=(page + 1).double())[0]
 
 
 class Oracle(Policy):
@@ -290,15 +323,14 @@ class Oracle(Policy):
     As costly as full attention; an upper bound for any K-token selection."""
 
     def __init__(self, budget):
-        super().__init__()
         if budget < 1:
             raise ValueError(f"oracle needs budget >= 1 (got {budget})")
         self.budget = budget
 
-    def attend(self, layer, q, k, v, q_raw):
-        scores = group_max(self.score_pass(q, k, v)[:, :-1], k.shape[0])  # past positions only
-        idx = scores.topk(min(self.budget, scores.shape[1]), dim=-1).indices
-        return self.run(q, k, v, idx)[0]
+    def attend(self, layer, q, k, v, pos, q_raw):
+        scores = group_max(self.score_pass(q, k, v, pos), self.n_kv)
+        idx = top(scores, self.budget, pos - 1)[0]  # past positions only
+        return self.run(q, k, v, pos, idx)[0]
 
 
 POLICIES = {"full": Policy, "refreshkv": RefreshKV, "streamingllm": StreamingLLM, "snapkv": SnapKV,

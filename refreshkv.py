@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from model import CheckpointError, load
-from policies import POLICIES
+from policies import POLICIES, Policy
 
 BUNDLED_MODEL = Path(__file__).parent / "models" / "refreshkv-tiny"
 KNOBS = ("budget", "stride", "threshold", "refresh_only", "window", "sinks", "page_size", "pool")
@@ -29,19 +29,47 @@ def sample(logits, temperature, top_p, gen):
 
 
 @torch.inference_mode()
-def generate(model, prompt, policy=None, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0, stop=()):
+def generate(model, prompt, policy=None, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0, stop=(), graphs=None):
     """Yield (token, logits [vocab]) for each generated token. The first token comes from the
-    prefill's logits; each later one from a decode step of the policy."""
+    prefill's logits; each later one from a decode step of the policy.
+    On CUDA each decode step runs as a CUDA graph: the first step of each plan (policy.plan) runs
+    as is and is then captured; later steps of that plan replay it, with the token and its
+    position in fixed buffers. graphs: the captured graphs by plan (a fresh dict by default);
+    False runs every step without them (to compare)."""
     device = model.tok_embeddings.weight.device
+    policy = policy or Policy()
     model.setup_cache(len(prompt) + max_new_tokens)
     gen = torch.Generator(device).manual_seed(seed)
     logits = model(torch.tensor([prompt], device=device), start_pos=0, policy=policy)[0, -1]
-    for t in range(max_new_tokens):
+    token_now = torch.zeros(1, 1, dtype=torch.long, device=device)  # the decode step's input...
+    pos_now = torch.zeros(1, dtype=torch.long, device=device)  # ...and its position
+    step = lambda: model(token_now, pos_now, policy)[0, -1]
+    if graphs is None:
+        graphs = {} if device.type == "cuda" else False
+    for t in range(1, max_new_tokens + 1):
         token = sample(logits, temperature, top_p, gen)
         yield token, logits
-        if token in stop or t == max_new_tokens - 1:
+        if token in stop or t == max_new_tokens:
             return
-        logits = model(torch.tensor([[token]], device=device), start_pos=len(prompt) + t, policy=policy)[0, -1]
+        token_now.fill_(token)
+        pos_now.fill_(len(prompt) + t - 1)
+        plan = policy.plan(t + 1)
+        if graphs is not False and plan in graphs:
+            graph, out = graphs[plan]
+            graph.replay()
+            logits = out.clone()  # out is overwritten by the next replay
+            continue
+        logits = step()
+        if graphs is not False and plan is not None:
+            graphs[plan] = capture(step)
+
+
+def capture(step):
+    """Record step() in a CUDA graph (nothing runs) -> (graph, its output tensor)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    return graph, out
 
 
 def budget_tokens(budget, prompt_len):
@@ -75,10 +103,11 @@ def make_policy(name, knobs, prompt_len):
 def stats_line(policy, prompt_len, n_gen, prefill_s, decode_s):
     line = (f"prompt {prompt_len} tokens | generated {n_gen} | prefill {prefill_s:.2f} s | "
             f"decode {(n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else 0:.1f} tokens/s")
-    if policy.steps:
-        line += (f" | full steps {policy.full / policy.steps:.1%} of layer-steps | "
-                 f"{policy.attended / policy.steps:.0f} positions attended per layer-step | "
-                 f"attention reads saved {1 - policy.read / policy.dense:.1%}")
+    c = policy.stats()
+    if c["steps"]:
+        line += (f" | full steps {c['full'] / c['steps']:.1%} of layer-steps | "
+                 f"{c['attended'] / c['steps']:.0f} positions attended per layer-step | "
+                 f"attention reads saved {1 - c['read'] / c['dense']:.1%}")
     return line
 
 
