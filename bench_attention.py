@@ -1,9 +1,15 @@
 """Per-layer decode attention timings against their byte floors (a script, not a test).
 
-GPU:  python bench_attention.py [--sweep] [--out DIR]
+GPU:  python bench_attention.py [--sweep] [--quick] [--ctx 65536 131072] [--out DIR]
       Llama-3.1-8B shapes (32 q heads, 8 KV heads, head dim 128, bf16, batch 1),
       contexts 4K..128K, index budgets L/8 and L/32, sorted and unsorted indices.
+      --quick: only SDPA dense, the full step with scores and sparse L/8 (unsorted).
 CPU:  python bench_attention.py --cpu   (tiny shapes, Triton interpreter: checks it runs)
+
+A context T is a cache buffer of T + 256 positions with the current token at pos = T - 1,
+pos a one-element tensor on the device (as the model passes it); the tail is never read.
+Each correctness check also captures the Triton call at pos in a CUDA graph and replays it
+at pos // 2 against the reference (one graph serves every position).
 
 Two times per path, medians:
   GPU µs:   20 calls captured in a CUDA graph, replayed 10 times: the device time alone.
@@ -25,6 +31,7 @@ if "--cpu" in sys.argv:  # the interpreter must be on before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
+import torch.nn.functional as F
 
 import kernels
 from kernels import attention_triton, decode_attention
@@ -32,13 +39,17 @@ from kernels import attention_triton, decode_attention
 p = argparse.ArgumentParser()
 p.add_argument("--cpu", action="store_true", help="tiny shapes on CPU (smoke test)")
 p.add_argument("--sweep", action="store_true", help="tune launch configs first (GPU)")
+p.add_argument("--quick", action="store_true", help="SDPA, full step + scores and sparse L/8 only")
+p.add_argument("--ctx", type=int, nargs="+", help="contexts (default 4K 16K 64K 128K; CPU 256 512)")
 p.add_argument("--out", default=os.environ.get("OUT", "."), help="where to write the table and log")
 args = p.parse_args()
+if not args.cpu and not torch.cuda.is_available():
+    sys.exit("bench_attention.py: no GPU; use --cpu for the small CPU version")
 
 DEV = "cpu" if args.cpu else "cuda"
 H, HKV, D = (8, 2, 32) if args.cpu else (32, 8, 128)
 DT = torch.float32 if args.cpu else torch.bfloat16
-CTXS = [256, 512] if args.cpu else [4096, 16384, 65536, 131072]
+CTXS = args.ctx or ([256, 512] if args.cpu else [4096, 16384, 65536, 131072])
 ESZ = torch.finfo(DT).bits // 8
 L2 = torch.cuda.get_device_properties(0).L2_cache_size if DEV == "cuda" else 0
 LOG = open(os.path.join(args.out, "bench_log.txt"), "w")
@@ -118,11 +129,19 @@ def copies(nbytes):
 
 
 def make_cache(T):
-    """q [H, D] and k, v as views [:, :T] of a preallocated [HKV, T+256, D] cache."""
+    """q [H, D]; k, v [HKV, T+256, D] cache buffers; pos = T-1 as a tensor on the device."""
     q = torch.randn(H, D, device=DEV).to(DT)
-    kb = torch.randn(HKV, T + 256, D, device=DEV).to(DT)
-    vb = torch.randn(HKV, T + 256, D, device=DEV).to(DT)
-    return q, kb[:, :T], vb[:, :T]
+    k = torch.randn(HKV, T + 256, D, device=DEV).to(DT)
+    v = torch.randn(HKV, T + 256, D, device=DEV).to(DT)
+    return q, k, v, torch.tensor([T - 1], device=DEV)
+
+
+def sdpa(q, k, v, pos, T):
+    """Dense attention through torch SDPA (GQA without copies) on the host-sliced [:, :T]:
+    the baseline; it needs the length on the host, so one graph cannot serve every position."""
+    out = F.scaled_dot_product_attention(q[None, :, None], k[None, :, :T], v[None, :, :T],
+                                         enable_gqa=True)
+    return out[0, :, 0], None
 
 
 def make_idx(T, n, sort):
@@ -135,6 +154,32 @@ def make_idx(T, n, sort):
 def check(a, b, tol=3e-2):
     err = (a.float() - b.float()).abs().max().item()
     return "ok" if err <= tol and not math.isnan(err) else f"MISMATCH {err:.3g}"
+
+
+def replay_check(q, k, v, pos, idx):
+    """Capture the Triton call (with scores) at pos in a CUDA graph, replay it at pos // 2
+    (idx's slots at or past the new pos emptied to -1), compare with the reference there.
+    On CPU the second position is a plain call."""
+    fn = lambda: decode_attention(q, k, v, pos, idx, scores=True, kernel="triton")
+    fn()                                                           # compiles outside the capture
+    if DEV == "cuda":
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out, probs = fn()
+    saved = (pos.clone(), None if idx is None else idx.clone())
+    pos //= 2
+    if idx is not None:
+        idx.masked_fill_(idx >= pos, -1)
+    if DEV == "cuda":
+        g.replay()
+    else:
+        out, probs = fn()
+    ref, pref = decode_attention(q, k, v, pos, idx, scores=True, kernel="torch")
+    res = f"at pos {int(pos)}: {check(out, ref)}, probs {check(probs, pref, 1e-3)}"
+    pos.copy_(saved[0])
+    if idx is not None:
+        idx.copy_(saved[1])
+    return res
 
 
 def sweep():
@@ -178,37 +223,45 @@ def row(T, path, n_att, fn, nbytes):
 
 
 for T in CTXS:
-    kv_bytes = 2 * HKV * T * D * ESZ                               # K and V, all positions
+    kv_bytes = 2 * HKV * T * D * ESZ                               # K and V, positions 0..pos
+    probs_bytes = 4 * H * (T + 256)                                # dense probs: the whole buffer
     caches = cycle([make_cache(T) for _ in range(copies(kv_bytes))])
-    q, k, v = caches()
+    q, k, v, pos = caches()
     # correctness first, on these very inputs
-    ref, pref = decode_attention(q, k, v, scores=True, kernel="torch")
-    out, pt = decode_attention(q, k, v, scores=True, kernel="triton")
-    sd, _ = kernels._sdpa(q, k, v)
-    log(f"T={T}: dense triton vs torch {check(out, ref)}, probs {check(pt, pref, 1e-3)}, sdpa {check(sd, ref)}")
-    del ref, pref, out, pt, q, k, v
-    row(T, "dense SDPA (enable_gqa)", T, lambda: kernels._sdpa(*caches()), kv_bytes + qo)
-    row(T, "dense Triton, no scores", T,
-        lambda: decode_attention(*caches(), kernel="triton"), kv_bytes + qo)
+    ref, pref = decode_attention(q, k, v, pos, scores=True, kernel="torch")
+    out, pt = decode_attention(q, k, v, pos, scores=True, kernel="triton")
+    sd, _ = sdpa(q, k, v, pos, T)
+    log(f"T={T}: dense triton vs torch {check(out, ref)}, probs {check(pt, pref, 1e-3)}, "
+        f"sdpa {check(sd, ref)}; replayed {replay_check(q, k, v, pos, None)}")
+    del ref, pref, out, pt, q, k, v, pos
+    row(T, "dense SDPA (enable_gqa)", T, lambda: sdpa(*caches(), T), kv_bytes + qo)
+    if not args.quick:
+        row(T, "dense Triton, no scores", T,
+            lambda: decode_attention(*caches(), kernel="triton"), kv_bytes + qo)
     row(T, "full step + scores, Triton", T,
-        lambda: decode_attention(*caches(), scores=True, kernel="triton"), kv_bytes + qo + 4 * H * T)
-    if T <= 16384:  # the float32 reference copies the whole cache: slow
+        lambda: decode_attention(*caches(), scores=True, kernel="triton"),
+        kv_bytes + qo + probs_bytes)
+    if T <= 16384 and not args.quick:  # the float32 reference copies the whole cache: slow
         row(T, "full step + scores, torch ref", T,
-            lambda: decode_attention(*caches(), scores=True, kernel="torch"), kv_bytes + qo + 4 * H * T)
-    for budget in (8, 32):
+            lambda: decode_attention(*caches(), scores=True, kernel="torch"),
+            kv_bytes + qo + probs_bytes)
+    for budget in ((8,) if args.quick else (8, 32)):
         n = T // budget
         sp_bytes = 2 * HKV * (n + 1) * D * ESZ + HKV * n * 4 + qo  # gathered rows + int32 idx
-        for sort in (True, False):
+        for sort in ((False,) if args.quick else (True, False)):
             tag = f"L/{budget} {'sorted' if sort else 'unsorted'}"
             idxs = cycle([make_idx(T, n, sort) for _ in range(copies(sp_bytes))])
-            q, k, v = caches()
+            q, k, v, pos = caches()
             i0 = idxs()
-            ref, pref = decode_attention(q, k, v, i0, scores=True, kernel="torch")
-            out, pt = decode_attention(q, k, v, i0, scores=True, kernel="triton")
-            log(f"T={T} {tag}: sparse triton vs torch {check(out, ref)}, probs {check(pt, pref, 1e-3)}")
-            del q, k, v, ref, pref, out, pt
+            ref, pref = decode_attention(q, k, v, pos, i0, scores=True, kernel="torch")
+            out, pt = decode_attention(q, k, v, pos, i0, scores=True, kernel="triton")
+            log(f"T={T} {tag}: sparse triton vs torch {check(out, ref)}, "
+                f"probs {check(pt, pref, 1e-3)}; replayed {replay_check(q, k, v, pos, i0)}")
+            del q, k, v, pos, ref, pref, out, pt
             row(T, f"sparse Triton {tag}", n + 1,
                 lambda: decode_attention(*caches(), idxs(), kernel="triton"), sp_bytes)
+            if args.quick:
+                continue
             row(T, f"sparse torch fallback {tag}", n + 1,
                 lambda: decode_attention(*caches(), idxs(), kernel="torch"), sp_bytes)
             if not sort:
@@ -216,15 +269,16 @@ for T in CTXS:
                     lambda: decode_attention(*caches(), idxs(), scores=True, kernel="triton"),
                     sp_bytes + 4 * H * (n + 1))
     empty = torch.zeros(HKV, 0, dtype=torch.int32, device=DEV)
-    row(T, "sparse Triton n=0 (fixed cost)", 1,
-        lambda: decode_attention(*caches(), empty, kernel="triton"), 2 * HKV * D * ESZ + qo)
+    if not args.quick:
+        row(T, "sparse Triton n=0 (fixed cost)", 1,
+            lambda: decode_attention(*caches(), empty, kernel="triton"), 2 * HKV * D * ESZ + qo)
     del caches
 
-sdpa = {T: gpu for T, path, _, gpu, _, _ in rows if path.startswith("dense SDPA")}
+sdpa_us = {T: gpu for T, path, _, gpu, _, _ in rows if path.startswith("dense SDPA")}
 table = ["| context | path | attended/head | GPU µs | eager µs | byte floor µs | GPU ÷ floor | SDPA dense ÷ this (GPU) |",
          "|---:|---|---:|---:|---:|---:|---:|---:|"]
 for T, path, n_att, gpu, eager, fl in rows:
-    table.append(f"| {T} | {path} | {n_att} | {gpu:.1f} | {eager:.1f} | {fl:.1f} | {gpu / fl:.2f} | {sdpa[T] / gpu:.2f} |")
+    table.append(f"| {T} | {path} | {n_att} | {gpu:.1f} | {eager:.1f} | {fl:.1f} | {gpu / fl:.2f} | {sdpa_us[T] / gpu:.2f} |")
 table = "\n".join(table)
 log(f"\nconfig: {kernels.CUDA_CONFIG}\ncopy bandwidth {bw / 1e12:.3f} TB/s\n\n{table}")
 with open(os.path.join(args.out, "bench_table.md"), "w") as f:

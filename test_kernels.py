@@ -1,6 +1,9 @@
 """Tests for kernels.decode_attention. On CPU the Triton kernels run in the interpreter
 (TRITON_INTERPRET=1, set by the root conftest.py before triton is imported); on a GPU
-the same tests compile and run them for real."""
+the same tests compile and run them for real.
+
+Every cache is a buffer longer than the filled part: positions past pos hold NaN, so a
+kernel that reads them gives NaN, which close() rejects."""
 import math
 import os
 import subprocess
@@ -20,104 +23,138 @@ from kernels import attention_triton, decode_attention
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 HAS_TRITON = kernels.triton is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+needs_cuda = pytest.mark.skipif(DEV != "cuda", reason="needs a GPU")
 FAST = settings(max_examples=30, deadline=None, derandomize=True)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # out, abs+rel
 
 
-def make(Hkv, G, T, D, dtype, seed, n=None, sort=False, extra=37, qscale=2.0):
-    """q [H, D] and k, v as [:, :T] views of a larger [Hkv, T+extra, D] buffer."""
+def make(Hkv, G, T, D, dtype, seed, n=None, sort=False, extra=37, empty=0, pos32=False,
+         dev=DEV):
+    """q [H, D]; k, v [Hkv, T+extra, D], views of a still larger buffer, positions 0..T-1
+    filled and the rest NaN; pos = T-1 as a one-element tensor; idx [Hkv, n] distinct
+    positions in [0, T-1) with `empty` slots per row set to -1."""
     gen = torch.Generator().manual_seed(seed)
-    q = (qscale * torch.randn(Hkv * G, D, generator=gen)).to(dtype)
-    kb = torch.randn(Hkv, T + extra, D, generator=gen).to(dtype)
-    vb = torch.randn(Hkv, T + extra, D, generator=gen).to(dtype)
+    q = (2.0 * torch.randn(Hkv * G, D, generator=gen)).to(dtype)
+    kb = torch.randn(Hkv, T + extra + 3, D, generator=gen).to(dtype)
+    vb = torch.randn(Hkv, T + extra + 3, D, generator=gen).to(dtype)
+    kb[:, T:], vb[:, T:] = float("nan"), float("nan")          # garbage past pos
+    pos = torch.tensor([T - 1], dtype=torch.int32 if pos32 else torch.int64)
     idx = None
-    if n is not None:  # n distinct positions in [0, T-1) per KV head
+    if n is not None:
         idx = torch.stack([torch.randperm(T - 1, generator=gen)[:n] for _ in range(Hkv)])
         idx = idx.sort(dim=1).values if sort else idx
-    to = lambda x: None if x is None else x.to(DEV)
-    return to(q), to(kb)[:, :T], to(vb)[:, :T], to(idx)
+        holes = torch.stack([torch.randperm(n, generator=gen)[:empty] for _ in range(Hkv)])
+        idx = idx.scatter(1, holes, -1)
+    to = lambda x: None if x is None else x.to(dev)
+    return to(q), to(kb)[:, :T + extra], to(vb)[:, :T + extra], to(pos), to(idx)
 
 
-def naive64(q, k, v, idx):
-    """Float64 loops over query heads: the formula, written out."""
+def naive64(q, k, v, pos, idx):
+    """Float64 loops over query heads: the formula, written out. Reads only positions
+    0..pos (dense) or idx's non-empty slots then pos (sparse)."""
+    q, k, v = q.cpu(), k.cpu(), v.cpu()
     H, D = q.shape
-    Hkv, T, _ = k.shape
+    Hkv, N, _ = k.shape
+    cur = int(pos)
     outs, probs = [], []
     for h in range(H):
         kv = h // (H // Hkv)
-        pos = list(range(T)) if idx is None else idx[kv].tolist() + [T - 1]
-        kk, vv = k[kv, pos].double(), v[kv, pos].double()
-        logits = kk @ q[h].double() / math.sqrt(D)
-        p = torch.exp(logits - logits.max())
-        p = p / p.sum()
-        outs.append(p @ vv)
+        slots = list(range(N)) if idx is None else idx[kv].tolist() + [cur]
+        keep = [i for i, s in enumerate(slots) if 0 <= s <= cur]
+        at = [slots[i] for i in keep]
+        logits = k[kv, at].double() @ q[h].double() / math.sqrt(D)
+        w = torch.exp(logits - logits.max())
+        w = w / w.sum()
+        p = torch.zeros(len(slots), dtype=torch.float64)
+        p[keep] = w
+        outs.append(w @ v[kv, at].double())
         probs.append(p)
     return torch.stack(outs), torch.stack(probs)
 
 
 def close(a, b, tol):
-    assert not torch.isnan(a).any()
-    torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a.float().cpu(), b.float().cpu(), atol=tol, rtol=tol)
+
+
+def check_probs(p, idx, T):
+    """Rows sum to 1; exact zeros past pos (dense) and at empty slots (sparse)."""
+    close(p.sum(-1), torch.ones(p.shape[0]), 1e-5)
+    if idx is None:
+        assert (p[:, T:] == 0).all()
+    else:
+        G = p.shape[0] // idx.shape[0]
+        hole = (idx < 0).repeat_interleave(G, dim=0)                    # [H, n]
+        assert (p[:, :-1][hole] == 0).all()
 
 
 # ----------------------------------------------------------------------------- reference
 
 @FAST
 @given(Hkv=st.integers(1, 3), G=st.sampled_from([1, 4, 8]), T=st.integers(1, 70),
-       D=st.sampled_from([8, 16, 32]), frac=st.floats(0, 1), dense=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_reference_vs_float64(Hkv, G, T, D, frac, dense, seed):
+       extra=st.integers(0, 20), D=st.sampled_from([8, 16, 32]), frac=st.floats(0, 1),
+       efrac=st.floats(0, 1), dense=st.booleans(), seed=st.integers(0, 2**16))
+def test_reference_vs_float64(Hkv, G, T, extra, D, frac, efrac, dense, seed):
     n = None if dense else int(frac * (T - 1))
-    q, k, v, idx = make(Hkv, G, T, D, torch.float32, seed, n)
-    q, k, v, idx = [x if x is None else x.cpu() for x in (q, k, v, idx)]
-    out, p = decode_attention(q, k, v, idx, scores=True, kernel="torch")
-    out64, p64 = naive64(q, k, v, idx)
+    empty = 0 if dense else int(efrac * n)
+    q, k, v, pos, idx = make(Hkv, G, T, D, torch.float32, seed, n, extra=extra, empty=empty,
+                             dev="cpu")
+    out, p = decode_attention(q, k, v, pos, idx, scores=True, kernel="torch")
+    out64, p64 = naive64(q, k, v, pos, idx)
     close(out, out64, 1e-5)
     close(p, p64, 1e-6)
+    check_probs(p, idx, T)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dense", [True, False])
 def test_reference_scores_flag_bitwise(dtype, dense):
-    q, k, v, idx = make(2, 4, 50, 16, dtype, 1, None if dense else 20)
-    q, k, v, idx = [x if x is None else x.cpu() for x in (q, k, v, idx)]
-    a, _ = decode_attention(q, k, v, idx, scores=False, kernel="torch")
-    b, p = decode_attention(q, k, v, idx, scores=True, kernel="torch")
-    c, _ = decode_attention(q, k, v, idx)  # auto on CPU is the reference
+    q, k, v, pos, idx = make(2, 4, 50, 16, dtype, 1, None if dense else 20, empty=3, dev="cpu")
+    a, _ = decode_attention(q, k, v, pos, idx, scores=False, kernel="torch")
+    b, p = decode_attention(q, k, v, pos, idx, scores=True, kernel="torch")
+    c, _ = decode_attention(q, k, v, pos, idx)  # auto on CPU is the reference
     assert torch.equal(a, b) and torch.equal(a, c)
-    assert p.dtype == torch.float32 and p.shape == (8, 50 if dense else 21)
+    assert p.dtype == torch.float32 and p.shape == (8, 87 if dense else 21)
 
 
 def test_validation():
-    q, k, v, idx = [x.cpu() for x in make(2, 4, 20, 16, torch.float32, 2, 5)]
+    q, k, v, pos, idx = make(2, 4, 20, 16, torch.float32, 2, 5, dev="cpu")
     with pytest.raises(ValueError, match="idx values"):
-        decode_attention(q, k, v, torch.full((2, 3), 19))  # the current token is not allowed
-    with pytest.raises(ValueError, match="idx values"):
-        decode_attention(q, k, v, torch.full((2, 3), -1))
+        decode_attention(q, k, v, pos, torch.full((2, 3), 19))  # the current token is not allowed
+    with pytest.raises(ValueError, match="pos"):
+        decode_attention(q, k, v, 19)                            # pos must be a tensor
+    with pytest.raises(ValueError, match="pos"):
+        decode_attention(q, k, v, torch.tensor([19.0]))
+    with pytest.raises(ValueError, match="pos"):
+        decode_attention(q, k, v, torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="pos"):
+        decode_attention(q, k, v, torch.tensor([k.shape[1]]))   # past the buffer
     with pytest.raises(ValueError):
-        decode_attention(q, k, v, idx[:1])                 # wrong number of KV heads
+        decode_attention(q, k, v, pos, idx[:1])                 # wrong number of KV heads
     with pytest.raises(ValueError):
-        decode_attention(q[:3], k, v)                      # H not a multiple of Hkv
+        decode_attention(q[:3], k, v, pos)                      # H not a multiple of Hkv
     with pytest.raises(ValueError):
-        decode_attention(q, k.half(), v)
+        decode_attention(q, k.half(), v, pos)
     with pytest.raises(ValueError):
-        decode_attention(q, k, v, idx.float())
+        decode_attention(q, k, v, pos, idx.float())
     with pytest.raises(ValueError):
-        decode_attention(q, k, v, kernel="cuda")
+        decode_attention(q, k, v, pos, kernel="cuda")
+    decode_attention(q, k, v, pos, torch.full((2, 3), -1))      # all slots empty is fine
 
 
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
-    q, k, v, _ = [x.cpu() for x in make(1, 1, 4, 16, torch.float32, 3, 0)]
+    q, k, v, pos, _ = make(1, 1, 4, 16, torch.float32, 3, dev="cpu")
     monkeypatch.setattr(kernels, "INTERPRET", False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        decode_attention(q, k, v, kernel="triton")
+        decode_attention(q, k, v, pos, kernel="triton")
 
 
 def test_imports_without_triton():
     code = ("import sys; sys.modules['triton'] = None; import torch, kernels; "
             "q, k = torch.randn(4, 8), torch.randn(2, 5, 8); "
-            "o, p = kernels.decode_attention(q, k, k, torch.tensor([[0], [3]]), True); "
+            "idx = torch.tensor([[0], [3]]); "
+            "o, p = kernels.decode_attention(q, k, k, torch.tensor([4]), idx, True); "
             "assert kernels.triton is None and p.shape == (4, 2)")
     here = os.path.dirname(os.path.abspath(__file__))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=here)
@@ -126,23 +163,26 @@ def test_imports_without_triton():
 # ----------------------------------------------------------------------------- Triton
 
 @needs_triton
-@FAST
+@settings(FAST, max_examples=60 if DEV == "cpu" else 30)  # on a GPU most examples compile
 @given(Hkv=st.integers(1, 2), G=st.sampled_from([1, 4, 8]), T=st.integers(1, 300),
-       D=st.sampled_from([32, 64]), dtype=st.sampled_from(DTYPES), frac=st.floats(0, 1),
-       dense=st.booleans(), sort=st.booleans(), scores=st.booleans(),
-       idx32=st.booleans(), seed=st.integers(0, 2**16))
-def test_triton_matches_reference(Hkv, G, T, D, dtype, frac, dense, sort, scores, idx32, seed):
+       extra=st.integers(0, 40), D=st.sampled_from([32, 64]), dtype=st.sampled_from(DTYPES),
+       frac=st.floats(0, 1), efrac=st.floats(0, 1), dense=st.booleans(), sort=st.booleans(),
+       scores=st.booleans(), idx32=st.booleans(), pos32=st.booleans(), seed=st.integers(0, 2**16))
+def test_triton_matches_reference(Hkv, G, T, extra, D, dtype, frac, efrac, dense, sort, scores,
+                                  idx32, pos32, seed):
     n = None if dense else int(frac * (T - 1))
-    q, k, v, idx = make(Hkv, G, T, D, dtype, seed, n, sort)
+    empty = 0 if dense else int(efrac * n)
+    q, k, v, pos, idx = make(Hkv, G, T, D, dtype, seed, n, sort, extra, empty, pos32)
     if idx is not None and idx32:
         idx = idx.int()
-    ref, pref = decode_attention(q, k, v, idx, scores=True, kernel="torch")
-    out, p = decode_attention(q, k, v, idx, scores=scores, kernel="triton")
+    ref, pref = decode_attention(q, k, v, pos, idx, scores=True, kernel="torch")
+    out, p = decode_attention(q, k, v, pos, idx, scores=scores, kernel="triton")
     assert out.dtype == dtype and out.shape == q.shape
     close(out, ref, TOL[dtype])
+    close(out, naive64(q, k, v, pos, idx)[0], TOL[dtype])
     if scores:
         close(p, pref, 1e-4)
-        close(p.sum(-1), torch.ones(q.shape[0], device=DEV), 1e-5)
+        check_probs(p, idx, T)
     else:
         assert p is None
 
@@ -151,46 +191,103 @@ def test_triton_matches_reference(Hkv, G, T, D, dtype, frac, dense, sort, scores
 @pytest.mark.parametrize("G", [1, 4, 8])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_only_current_token(G, dtype):
-    q, k, v, idx = make(2, G, 77, 32, dtype, 4, n=0)                # idx is [Hkv, 0]
-    out, p = decode_attention(q, k, v, idx, scores=True, kernel="triton")
-    want = v[:, -1].repeat_interleave(G, dim=0)                     # [H, D]
-    close(out, want, TOL[dtype])
-    assert p.shape == (2 * G, 1) and torch.allclose(p, torch.ones_like(p))
-    # T == 1: the cache holds the current token alone
-    out1, p1 = decode_attention(q, k[:, :1], v[:, :1], scores=True, kernel="triton")
+    q, k, v, pos, idx = make(2, G, 77, 32, dtype, 4, n=0)             # idx is [Hkv, 0]
+    want = v[:, 76].repeat_interleave(G, dim=0)                       # [H, D]
+    for sel in (idx, torch.full((2, 5), -1, device=DEV)):             # no slot; 5 empty slots
+        out, p = decode_attention(q, k, v, pos, sel, scores=True, kernel="triton")
+        close(out, want, TOL[dtype])
+        assert p.shape == (2 * G, sel.shape[1] + 1)
+        assert (p[:, -1] == 1).all() and (p[:, :-1] == 0).all()
+    # pos == 0: the cache holds the current token alone, the rest of the buffer is NaN
+    q, k, v, pos, _ = make(2, G, 1, 32, dtype, 4)
+    out1, p1 = decode_attention(q, k, v, pos, scores=True, kernel="triton")
     close(out1, v[:, 0].repeat_interleave(G, dim=0), TOL[dtype])
-    assert torch.allclose(p1, torch.ones_like(p1))
+    assert (p1[:, 0] == 1).all() and (p1[:, 1:] == 0).all()
 
 
 @needs_triton
 @pytest.mark.parametrize("T", [2, 129, 257])                          # block is 128 in the interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_all_positions_equals_dense(T, dtype):
-    q, k, v, idx = make(2, 4, T, 64, dtype, T, n=T - 1)               # a permutation of 0..T-2
-    dense, pd = decode_attention(q, k, v, scores=True, kernel="triton")
-    sparse, ps = decode_attention(q, k, v, idx, scores=True, kernel="triton")
-    ref, _ = decode_attention(q, k, v, kernel="torch")
+    q, k, v, pos, idx = make(2, 4, T, 64, dtype, T, n=T - 1)          # a permutation of 0..T-2
+    dense, pd = decode_attention(q, k, v, pos, scores=True, kernel="triton")
+    sparse, ps = decode_attention(q, k, v, pos, idx, scores=True, kernel="triton")
+    ref, _ = decode_attention(q, k, v, pos, kernel="torch")
     close(sparse, dense, TOL[dtype])
     close(dense, ref, TOL[dtype])
-    G = 4
-    perm = torch.cat([idx, torch.full((2, 1), T - 1, device=DEV)], 1)  # [Hkv, T]
-    perm = perm.repeat_interleave(G, dim=0)                           # [H, T] per query head
+    perm = torch.cat([idx, pos.expand(2, 1)], 1)                      # [Hkv, T]
+    perm = perm.repeat_interleave(4, dim=0)                           # [H, T] per query head
     close(ps, pd.gather(1, perm), 1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_empty_slots_are_skipped(kernel):
+    """idx with empty slots (-1) == the same idx with those slots removed; probs 0 there."""
+    q, k, v, pos, idx = make(2, 4, 150, 32, torch.float32, 11, n=60)
+    holes = torch.tensor([0, 7, 8, 30, 59], device=DEV)               # first, a run, last
+    keep = torch.ones(60, dtype=torch.bool, device=DEV)
+    keep[holes] = False
+    with_holes = idx.clone()
+    with_holes[:, holes] = -1
+    a, pa = decode_attention(q, k, v, pos, with_holes, scores=True, kernel=kernel)
+    b, pb = decode_attention(q, k, v, pos, idx[:, keep], scores=True, kernel=kernel)
+    close(a, b, 1e-6)
+    close(pa[:, torch.cat([keep, torch.tensor([True], device=DEV)])], pb, 1e-7)
+    assert (pa[:, holes] == 0).all()
 
 
 @needs_triton
 @pytest.mark.parametrize("dense", [True, False])
 def test_empty_splits_and_small_blocks(dense):
     """More splits than blocks: trailing splits hold no entry and must not give NaN."""
-    q, k, v, idx = make(2, 8, 45, 32, torch.float32, 5, None if dense else 30)
-    ref, pref = decode_attention(q, k, v, idx, scores=True, kernel="torch")
+    q, k, v, pos, idx = make(2, 8, 45, 32, torch.float32, 5, None if dense else 30, empty=20)
+    ref, pref = decode_attention(q, k, v, pos, idx, scores=True, kernel="torch")
     for splits in (1, 3, 7):
-        out, p = attention_triton(q, k, v, idx, scores=True, block_n=16, num_splits=splits,
+        out, p = attention_triton(q, k, v, pos, idx, scores=True, block_n=16, num_splits=splits,
                                   exact_splits=True)
         close(out, ref, 2e-5)
         close(p, pref, 1e-5)
-        out, _ = attention_triton(q, k, v, idx, block_n=16, num_splits=splits, exact_splits=True)
+        out, _ = attention_triton(q, k, v, pos, idx, block_n=16, num_splits=splits,
+                                  exact_splits=True)
         close(out, ref, 2e-5)
+
+
+class Spy:
+    """Stands in for a Triton kernel: records each launch's grid and arguments (tensors by
+    shape, dtype and strides), then launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            desc = lambda a: (a.shape, a.dtype, a.stride()) if isinstance(a, torch.Tensor) else a
+            self.launches.append((grid, [desc(a) for a in args], kw))
+            return self.kernel[grid](*args, **kw)
+        return launch
+
+
+@needs_triton
+def test_launch_does_not_depend_on_pos(monkeypatch):
+    """Two positions in one buffer: the same grids and launch arguments (so one CUDA graph
+    serves both), and both results right."""
+    split, combine = Spy(kernels._split_kernel), Spy(kernels._combine_kernel)
+    monkeypatch.setattr(kernels, "_split_kernel", split)
+    monkeypatch.setattr(kernels, "_combine_kernel", combine)
+    q, k, v, _, _ = make(2, 4, 260, 32, torch.float32, 12, extra=0)   # 260 filled, no NaN
+    seen = []
+    for cur in (40, 259):
+        pos = torch.tensor([cur], device=DEV)
+        idx = torch.full((2, 50), -1, device=DEV)
+        idx[:, :30] = torch.randperm(cur, device=DEV)[:30]
+        split.launches, combine.launches = [], []
+        for sel in (None, idx):
+            out, p = decode_attention(q, k, v, pos, sel, scores=True, kernel="triton")
+            want, pwant = naive64(q, k, v, pos, sel)
+            close(out, want, 2e-5)
+            close(p, pwant, 1e-5)
+        seen.append((split.launches, combine.launches))
+    assert len(seen[0][0]) == 2 and seen[0] == seen[1]
 
 
 @needs_triton
@@ -198,27 +295,73 @@ def test_empty_splits_and_small_blocks(dense):
 @pytest.mark.parametrize("dense", [True, False])
 def test_triton_scores_flag_bitwise(dtype, dense):
     """scores=True only adds stores: `out` must not change by a bit."""
-    q, k, v, idx = make(2, 4, 200, 64, dtype, 6, None if dense else 60)
-    a, _ = decode_attention(q, k, v, idx, scores=False, kernel="triton")
-    b, _ = decode_attention(q, k, v, idx, scores=True, kernel="triton")
+    q, k, v, pos, idx = make(2, 4, 200, 64, dtype, 6, None if dense else 60, empty=10)
+    a, _ = decode_attention(q, k, v, pos, idx, scores=False, kernel="triton")
+    b, _ = decode_attention(q, k, v, pos, idx, scores=True, kernel="triton")
     assert torch.equal(a, b)
 
 
 @needs_triton
 def test_contiguous_and_strided_inputs_agree():
-    q, k, v, idx = make(2, 4, 100, 32, torch.float32, 7, n=40)
-    a, pa = decode_attention(q, k, v, idx, scores=True, kernel="triton")
-    b, pb = decode_attention(q, k.contiguous(), v.contiguous(), idx.t().contiguous().t(),
+    q, k, v, pos, idx = make(2, 4, 100, 32, torch.float32, 7, n=40, empty=5)
+    a, pa = decode_attention(q, k, v, pos, idx, scores=True, kernel="triton")
+    b, pb = decode_attention(q, k.contiguous(), v.contiguous(), pos, idx.t().contiguous().t(),
                              scores=True, kernel="triton")
     close(a, b, 1e-6)
     close(pa, pb, 1e-7)
 
 
-@pytest.mark.skipif(DEV != "cuda", reason="auto uses torch SDPA only on CUDA")
+# ----------------------------------------------------------------------------- CUDA only
+
+@needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_auto_dense_on_cuda(dtype):
-    q, k, v, _ = make(8, 4, 300, 64, dtype, 8)
-    out, p = decode_attention(q, k, v)                                # SDPA (AUTO_DENSE)
-    ref, _ = decode_attention(q, k, v, kernel="torch")
-    assert p is None
-    close(out, ref, max(TOL[dtype], 1e-4))
+def test_auto_is_triton_on_cuda(dtype):
+    q, k, v, pos, idx = make(8, 4, 300, 64, dtype, 8, n=100, empty=10)
+    for sel in (None, idx):
+        out, p = decode_attention(q, k, v, pos, sel)
+        tri, _ = decode_attention(q, k, v, pos, sel, kernel="triton")
+        assert p is None and torch.equal(out, tri)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_replays_at_any_position(dtype):
+    """Capture dense-with-scores and sparse once; replay at other positions (pos, idx, q and
+    the cache updated in place), each replay equal to the reference."""
+    Hkv, G, N, D, n = 2, 4, 1000, 64, 40
+    gen = torch.Generator().manual_seed(13)
+    q = torch.empty(Hkv * G, D, dtype=dtype, device=DEV)
+    k, v = torch.empty(2, Hkv, N, D, dtype=dtype, device=DEV)
+    pos = torch.zeros(1, dtype=torch.int64, device=DEV)
+    idx = torch.empty(Hkv, n, dtype=torch.int32, device=DEV)
+
+    def set_position(cur):  # fresh inputs in the same buffers; NaN past cur
+        q.copy_(2 * torch.randn(Hkv * G, D, generator=gen))
+        for buf in (k, v):
+            buf.copy_(torch.randn(Hkv, N, D, generator=gen))
+            buf[:, cur + 1:] = float("nan")
+        pos.fill_(cur)
+        sel = torch.stack([torch.randperm(cur, generator=gen)[:n] for _ in range(Hkv)])
+        idx.fill_(-1)                                               # fewer than n before pos n
+        idx[:, :sel.shape[1]] = sel.to(DEV)
+
+    step = lambda: (decode_attention(q, k, v, pos, scores=True, kernel="triton"),
+                    decode_attention(q, k, v, pos, idx, scores=True, kernel="triton"))
+    set_position(500)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                                   # compile outside the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        (out_d, p_d), (out_s, p_s) = step()
+    for cur in (700, 20, 999, 0):
+        set_position(cur)
+        graph.replay()
+        torch.cuda.synchronize()
+        for sel, out, p in ((None, out_d, p_d), (idx, out_s, p_s)):
+            want, pwant = naive64(q, k, v, pos, sel)
+            close(out, want, TOL[dtype])
+            close(p, pwant, 1e-4)
+            check_probs(p, sel, cur + 1)
