@@ -6,7 +6,8 @@ CPU:  python bench.py --cpu                               (tiny model, to check 
 Each (length, policy) is one refreshkv.generate() call on a prompt of random token ids:
   prefill s   from the call to the first token (cache setup, prompt forward, the policy's prefill)
   ms/step     mean host time between decoded tokens (greedy sampling syncs once per step), over
-              the steps after WARMUP; a step over 5x the median (a JIT compile) is dropped and counted
+              the steps after WARMUP; every step counts except the first of each plan, which runs
+              as is and is then captured in a CUDA graph (the note counts them)
   graph       share of the timed steps replayed from a CUDA graph (refreshkv's similarity check steps
               read a value on the host and run without one)
   host ms     host time to issue one forward, over the timed steps run without a graph (--eager: all)
@@ -112,11 +113,8 @@ def free(model, layers):
         torch.cuda.empty_cache()
 
 
-def mean_steps(ts):
-    """Mean step time without outliers (> 5x median: a compile), and how many were dropped."""
-    med = statistics.median(ts)
-    keep = [t for t in ts if t <= 5 * med]
-    return 1e3 * sum(keep) / len(keep), len(ts) - len(keep)
+def mean_ms(ts):
+    return 1e3 * sum(ts) / len(ts)
 
 
 def make(name, L):
@@ -130,7 +128,9 @@ def run(model, prompt, name):
     n_dec = NEW - 1  # the first token comes from the prefill
     real = max(1, (n_dec - WARMUP) // 2)
     real = real // 10 * 10 if real >= 10 else real  # whole strides: the fixed schedule's share exactly
-    marks, stops, snap = [], [], {}
+    marks, stops, snap, plans = [], [], {}, []
+    plan = pol.plan
+    pol.plan = lambda t: plans.append(plan(t)) or plans[-1]  # plans[j] is the plan of steps[j]
     hooks = [model.register_forward_pre_hook(lambda *a: marks.append((len(stops), time.perf_counter()))),
              model.register_forward_hook(lambda *a: marks.append((len(stops), time.perf_counter())))]
     graphs = False if args.eager or DEV != "cuda" else {}
@@ -157,19 +157,26 @@ def run(model, prompt, name):
         for h in hooks:
             h.remove()
     steps = [b - a for a, b in zip(stops, stops[1:])]  # steps[j] made token j + 1
-    ms, outliers = mean_steps(steps[WARMUP:WARMUP + real])
-    stub_steps = steps[WARMUP + real + 1:]  # the first stub step is its warm-up (and capture)
-    a, b = snap[WARMUP], snap[WARMUP + real]
+    # A step that captured its plan's graph (the first of the plan since generate or the stub swap).
+    cut, captured = WARMUP + real, [False] * len(steps)
+    for lo, hi in ((0, cut), (cut, len(steps))):
+        seen = set()
+        for j in range(lo, hi):
+            captured[j] = graphs is not False and plans[j] is not None and plans[j] not in seen
+            seen.add(plans[j])
+    timed = [t for j, t in enumerate(steps[WARMUP:cut], WARMUP) if not captured[j]]
+    stub_steps = [t for j, t in enumerate(steps[cut:], cut) if not captured[j]]
+    a, b = snap[WARMUP], snap[cut]
     d = {key: b[key] - a[key] for key in a}
     # forward calls made while token j + 1 was being computed, for the timed steps: steps run without a graph
     calls = {}
     for (j, t_pre), (_, t_post) in zip(marks[2::2], marks[3::2]):
         calls.setdefault(j, []).append(t_post - t_pre)
-    eager = [sum(calls[j]) for j in range(WARMUP + 1, WARMUP + real + 1) if j in calls]
-    return dict(prefill_s=stops[0] - t0, ms=ms, outliers=outliers, graph=1 - len(eager) / real,
-                host_ms=mean_steps(eager)[0] if eager else None,
-                stub_ms=mean_steps(stub_steps)[0] if stub_steps and STUB_CALLS[0] else None,
-                full_frac=d["full"] / d["steps"], read=d["read"] / d["steps"], timed_steps=real,
+    eager = [sum(calls[j + 1]) for j in range(WARMUP, cut) if j + 1 in calls and not captured[j]]
+    return dict(prefill_s=stops[0] - t0, ms=mean_ms(timed), captures=real - len(timed), graph=1 - len(eager) / len(timed),
+                host_ms=mean_ms(eager) if eager else None,
+                stub_ms=mean_ms(stub_steps) if stub_steps and STUB_CALLS[0] else None,
+                full_frac=d["full"] / d["steps"], read=d["read"] / d["steps"], timed_steps=len(timed),
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else None)
 
 
@@ -289,8 +296,8 @@ def main():
                 base[L] = (row["prefill_s"], row["ms"])
             if name == "h2o" and base.get(L):
                 h2o = (L, max(0.0, row["prefill_s"] - base[L][0]))
-            if row["outliers"]:
-                row["note"] = (row.get("note", "") + f" {row['outliers']} slow step(s) dropped").strip()
+            if row["captures"]:
+                row["note"] = (row.get("note", "") + f" {row['captures']} capture step(s) left out").strip()
         rows.append(row)
         print(f"{L:>7} {name:<14} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                for k, v in row.items() if k not in ("length", "policy")), flush=True)

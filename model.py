@@ -76,10 +76,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x):  # normalised in float32, as Hugging Face's Llama does
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -99,7 +97,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, D]
         v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q_raw = q
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(torch.cat([q, k], 1), cos, sin).split([self.n_heads, self.n_kv_heads], 1)  # one pass
         if pos is None:  # training: plain causal attention, no cache
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:  # inference, batch 1: write the new keys and values into the full cache at pos [L]

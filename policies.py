@@ -49,7 +49,7 @@ def top(scores, k, last=None):
     if last is not None:
         scores = scores.masked_fill(torch.arange(scores.shape[1], device=scores.device) > last, float("-inf"))
     scores = F.pad(scores, (0, max(0, k - scores.shape[1])), value=float("-inf"))
-    best = scores.topk(k, dim=-1)
+    best = scores.topk(k, dim=-1, sorted=False)
     return best.indices.masked_fill(best.values == float("-inf"), -1), best.values
 
 
@@ -78,6 +78,7 @@ class Policy:
         self.n_kv, self.prompt_len = k.shape[0], q.shape[1]
         if layer == 0 or not hasattr(self, "count"):  # steps, full, attended, read, dense; summed over layer-steps
             self.count = torch.zeros(5, dtype=torch.float64, device=k.device)
+            self.units = torch.tensor([[1.0, 0], [1, 1], [0, 1]], dtype=torch.float64, device=k.device)
 
     def plan(self, t):
         """Called on the host before the decode step that makes token t (t >= 2). Steps with the same
@@ -87,23 +88,19 @@ class Policy:
     def attend(self, layer, q, k, v, pos, q_raw):
         return self.run(q, k, v, pos)[0]
 
-    def run(self, q, k, v, pos, idx=None, scores=False, extra=0):
+    def run(self, q, k, v, pos, idx=None, scores=False, extra=None):
         """The attention whose output the step uses, over idx [Hkv, n] (None: every position up to pos),
         counted: positions attended (per KV head), read (plus `extra`, e.g. page bounds), and those a
         full step would read. The counters live on the device, so graph replays count too."""
-        if idx is None:
-            n = (pos + 1).double()
-        else:
-            n = (idx >= 0).sum(1).double().mean(0, keepdim=True) + 1
-        full = torch.ones_like(n) if idx is None else torch.zeros_like(n)
-        self.count += torch.cat([torch.ones_like(n), full, n, n + extra, (pos + 1).double()])
+        dense = (pos + 1).double()
+        n = dense if idx is None else (idx >= 0).sum(dtype=torch.float64).view(1) / self.n_kv + 1
+        self.count += torch.cat([self.units[int(idx is None)], n, n if extra is None else n + extra, dense])
         return decode_attention(q, k, v, pos, idx, scores, self.kernel)
 
     def score_pass(self, q, k, v, pos):
         """An extra full pass for its scores alone [H, N]; it reads every position (a full step)."""
         read = (pos + 1).double()
-        self.count += torch.cat([torch.zeros_like(read), torch.ones_like(read), torch.zeros_like(read), read,
-                                 torch.zeros_like(read)])
+        self.count += torch.cat([self.units[2], read * 0, read, read * 0])
         return decode_attention(q, k, v, pos, None, True, self.kernel)[1]
 
     def stats(self):
@@ -311,7 +308,7 @@ class Quest(Policy):
         bound = (qg.clamp(min=0) @ kmax.transpose(1, 2) + qg.clamp(max=0) @ kmin.transpose(1, 2)).float().amax(1)
         p = torch.arange(bound.shape[1], device=k.device)
         bound = bound.masked_fill(p > page, float("-inf")).masked_fill(p == page, float("inf"))  # newest page always
-        best = bound.topk(min(self.pages, bound.shape[1]), dim=-1)  # [Hkv, pages]
+        best = bound.topk(min(self.pages, bound.shape[1]), dim=-1, sorted=False)  # [Hkv, pages]
         idx = best.indices[:, :, None] * P + torch.arange(P, device=k.device)  # [Hkv, pages, P]
         idx = idx.masked_fill((best.values[:, :, None] == float("-inf")) | (idx >= pos), -1).flatten(1)
         # min and max of each page so far: as many bytes as one position's key and value

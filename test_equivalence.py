@@ -205,9 +205,9 @@ def test_pool_group_max_top_and_drop_lowest():
     kept, kept_rank = policies.drop_lowest(rank, pos, rank)
     assert sorted(kept[0].tolist()) == [10, 12, 13] and sorted(kept_rank[0].tolist()) == pytest.approx([.5, .7, .9])
     idx, val = policies.top(torch.tensor([[.1, .7, .3, .9]]), 3, last=torch.tensor([2]))  # position 3 not yet there
-    assert idx.tolist() == [[1, 2, 0]]
+    assert sorted(idx[0].tolist()) == [0, 1, 2]
     idx, val = policies.top(torch.tensor([[.1, .7]]), 3)  # fewer positions than slots: an empty slot
-    assert idx.tolist() == [[1, 0, -1]] and val[0, 2] == float("-inf")
+    assert sorted(idx[0].tolist()) == [-1, 0, 1] and val[0][idx[0] == -1] == float("-inf")
 
 
 def fake_attention(monkeypatch, probs_for):
@@ -302,9 +302,8 @@ def test_refreshkv_similarity_schedule_decides_per_layer(monkeypatch):
 def test_streamingllm_keeps_sinks_and_recent(monkeypatch):
     calls = fake_attention(monkeypatch, lambda T, idx: None)
     p = StreamingLLM(budget=6, sinks=2)
-    p.n_kv = 1
     q, k, v, pos = qkv(21)  # 20 past positions
-    p.count = torch.zeros(5, dtype=torch.float64)
+    p.prefill(0, q[:, None].expand(-1, 20, -1), k, None)
     p.attend(0, q, k, v, pos, q)
     assert calls[-1].tolist() == [[0, 1, 16, 17, 18, 19]]
     q, k, v, pos = qkv(5)  # fewer past positions than the budget: all of them, and two empty slots

@@ -232,7 +232,7 @@ def test_empty_slots_are_skipped(kernel):
     a, pa = decode_attention(q, k, v, pos, with_holes, scores=True, kernel=kernel)
     b, pb = decode_attention(q, k, v, pos, idx[:, keep], scores=True, kernel=kernel)
     close(a, b, 1e-6)
-    close(pa[:, torch.cat([keep, torch.tensor([True], device=DEV)])], pb, 1e-7)
+    close(pa[:, torch.cat([keep, torch.tensor([True], device=DEV)])], pb, 1e-6)  # different split layouts: rounding differs
     assert (pa[:, holes] == 0).all()
 
 
@@ -308,7 +308,7 @@ def test_contiguous_and_strided_inputs_agree():
     b, pb = decode_attention(q, k.contiguous(), v.contiguous(), pos, idx.t().contiguous().t(),
                              scores=True, kernel="triton")
     close(a, b, 1e-6)
-    close(pa, pb, 1e-7)
+    close(pa, pb, 1e-6)
 
 
 # ----------------------------------------------------------------------------- CUDA only
