@@ -48,7 +48,8 @@ def top(scores, k, last=None):
     -> (positions, scores) [Hkv, k]. Slots with no position left are empty: -1 and -inf."""
     if last is not None:
         scores = scores.masked_fill(torch.arange(scores.shape[1], device=scores.device) > last, float("-inf"))
-    scores = F.pad(scores, (0, max(0, k - scores.shape[1])), value=float("-inf"))
+    if k > scores.shape[1]:
+        scores = F.pad(scores, (0, k - scores.shape[1]), value=float("-inf"))
     best = scores.topk(k, dim=-1, sorted=False)
     return best.indices.masked_fill(best.values == float("-inf"), -1), best.values
 
@@ -77,8 +78,8 @@ class Policy:
     def prefill(self, layer, q, k, q_raw):
         self.n_kv, self.prompt_len = k.shape[0], q.shape[1]
         if layer == 0 or not hasattr(self, "count"):  # steps, full, attended, read, dense; summed over layer-steps
-            self.count = torch.zeros(5, dtype=torch.float64, device=k.device)
-            self.units = torch.tensor([[1.0, 0], [1, 1], [0, 1]], dtype=torch.float64, device=k.device)
+            self.count = torch.zeros(5, dtype=torch.long, device=k.device)  # positions summed over KV heads
+            self.units = torch.tensor([[1, 0], [1, 1], [0, 1]], device=k.device)
 
     def plan(self, t):
         """Called on the host before the decode step that makes token t (t >= 2). Steps with the same
@@ -92,20 +93,21 @@ class Policy:
         """The attention whose output the step uses, over idx [Hkv, n] (None: every position up to pos),
         counted: positions attended (per KV head), read (plus `extra`, e.g. page bounds), and those a
         full step would read. The counters live on the device, so graph replays count too."""
-        dense = (pos + 1).double()
-        n = dense if idx is None else (idx >= 0).sum(dtype=torch.float64).view(1) / self.n_kv + 1
-        self.count += torch.cat([self.units[int(idx is None)], n, n if extra is None else n + extra, dense])
+        dense = self.n_kv * (pos + 1)  # [1]
+        n = dense if idx is None else (idx >= 0).sum().view(1) + self.n_kv
+        self.count += torch.cat([self.units[int(idx is None)], n, n if extra is None else n + self.n_kv * extra, dense])
         return decode_attention(q, k, v, pos, idx, scores, self.kernel)
 
     def score_pass(self, q, k, v, pos):
         """An extra full pass for its scores alone [H, N]; it reads every position (a full step)."""
-        read = (pos + 1).double()
+        read = self.n_kv * (pos + 1)
         self.count += torch.cat([self.units[2], read * 0, read, read * 0])
         return decode_attention(q, k, v, pos, None, True, self.kernel)[1]
 
     def stats(self):
         """The counters as numbers (a host sync: read them after generating)."""
-        return dict(zip(("steps", "full", "attended", "read", "dense"), self.count.tolist()))
+        steps, full, attended, read, dense = self.count.tolist()
+        return dict(steps=steps, full=full, attended=attended / self.n_kv, read=read / self.n_kv, dense=dense / self.n_kv)
 
 
 class RefreshKV(Policy):
@@ -312,7 +314,7 @@ class Quest(Policy):
         idx = best.indices[:, :, None] * P + torch.arange(P, device=k.device)  # [Hkv, pages, P]
         idx = idx.masked_fill((best.values[:, :, None] == float("-inf")) | (idx >= pos), -1).flatten(1)
         # min and max of each page so far: as many bytes as one position's key and value
-        return self.run(q, k, v, pos, idx, extra=(page + 1).double())[0]
+        return self.run(q, k, v, pos, idx, extra=page + 1)[0]
 
 
 class Oracle(Policy):

@@ -1,0 +1,77 @@
+"""GPU time of each piece of a decode step's bookkeeping at one length (Llama-3.1-8B attention shapes).
+
+    python tools/time_ops.py --length 131072          (one H100)
+
+Each row is the mean of --reps replays of a CUDA graph holding --inner calls, so launch
+overhead from Python is not in it; it is what one layer pays per call inside a graph.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import policies  # noqa: E402
+from kernels import decode_attention  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("--length", type=int, default=131072)
+p.add_argument("--reps", type=int, default=20)
+p.add_argument("--inner", type=int, default=10)
+args = p.parse_args()
+
+H, Hkv, D, T = 32, 8, 128, args.length
+N, K = T + 256, T // 8
+torch.manual_seed(0)
+q = torch.randn(H, D, device="cuda", dtype=torch.bfloat16)
+k, v = (torch.randn(Hkv, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+pos = torch.tensor([T - 1], device="cuda")
+probs = decode_attention(q, k, v, pos, None, True)[1]
+scores = policies.pool(policies.group_max(probs, Hkv))
+pol = policies.RefreshKV(K)
+pol.prefill(0, q[:, None].expand(-1, 64, -1), k, q[:, None].expand(-1, 64, -1))  # state for refresh/join
+idx = torch.stack([torch.randperm(T - 1, device="cuda")[:K] for _ in range(Hkv)])  # a real L/8 selection
+x = torch.randn(1, 1, 4096, device="cuda", dtype=torch.bfloat16)
+w = torch.ones(4096, device="cuda", dtype=torch.bfloat16)
+
+
+def join():
+    slot = pol.rank[0].argmin(1, keepdim=True)
+    new = policies.current(pos, Hkv)
+    pol.small[0].scatter_(1, slot, new)
+    pol.rank[0].scatter_(1, slot, 1.0 + new.float())
+
+
+OPS = {
+    "dense attention + scores (kernel)": lambda: decode_attention(q, k, v, pos, None, True),
+    "dense attention, no scores": lambda: decode_attention(q, k, v, pos, None, False),
+    "sparse attention L/8": lambda: decode_attention(q, k, v, pos, idx, False),
+    "refresh: group_max": lambda: policies.group_max(probs, Hkv),
+    "refresh: pool(7)": lambda: policies.pool(scores),
+    "refresh: top (mask, pad, topk unsorted)": lambda: policies.top(scores, K, pos),
+    "refresh: topk sorted": lambda: scores.topk(K, dim=-1),
+    "refresh: topk unsorted": lambda: scores.topk(K, dim=-1, sorted=False),
+    "refresh: whole (from probs)": lambda: pol.refresh(0, probs, q, pos),
+    "partial: join + evict": join,
+    "counters (run's bookkeeping)": lambda: pol.count.add_(torch.cat([pol.units[0], (idx >= 0).sum(
+        dtype=torch.float64).view(1) / Hkv + 1, (idx >= 0).sum(dtype=torch.float64).view(1) / Hkv + 1, (pos + 1).double()])),
+    "rms_norm (model's)": lambda: w * torch.nn.functional.rms_norm(x.float(), (4096,), eps=1e-5).to(x.dtype),
+}
+print(f"| op (L={T}, K={K}) | us per call |\n|---|---|")
+for name, fn in OPS.items():
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(args.inner):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(args.reps):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    print(f"| {name} | {1e3 * start.elapsed_time(end) / args.reps / args.inner:.1f} |", flush=True)
