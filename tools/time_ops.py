@@ -54,8 +54,8 @@ OPS = {
     "refresh: topk unsorted": lambda: scores.topk(K, dim=-1, sorted=False),
     "refresh: whole (from probs)": lambda: pol.refresh(0, probs, q, pos),
     "partial: join + evict": join,
-    "counters (run's bookkeeping)": lambda: pol.count.add_(torch.cat([pol.units[0], (idx >= 0).sum(
-        dtype=torch.float64).view(1) / Hkv + 1, (idx >= 0).sum(dtype=torch.float64).view(1) / Hkv + 1, (pos + 1).double()])),
+    "counters (run's bookkeeping)": lambda: pol.count.add_(torch.cat([pol.units[0], (idx >= 0).sum().view(1) + Hkv,
+                                                                     (idx >= 0).sum().view(1) + Hkv, Hkv * (pos + 1)])),
     "rms_norm (model's)": lambda: w * torch.nn.functional.rms_norm(x.float(), (4096,), eps=1e-5).to(x.dtype),
 }
 print(f"| op (L={T}, K={K}) | us per call |\n|---|---|")
