@@ -10,7 +10,9 @@ Each (length, policy) is one refreshkv.generate() call on a prompt of random tok
               as is and is then captured in a CUDA graph (the note counts them)
   graph       share of the timed steps replayed from a CUDA graph (refreshkv's similarity check steps
               read a value on the host and run without one)
-  host ms     host time to issue one forward, over the timed steps run without a graph (--eager: all)
+  no-graph ms mean time of the timed steps run without a graph (--eager: all; refreshkv-sim: its check
+              steps, which also sync once per layer to read the similarity)
+  capture ms  mean time of the steps that ran a plan for the first time and captured its graph
   floor ms    (weight bytes + the K/V bytes the policy read) / copy bandwidth measured in this run
   bookkeep    the steps after the timed ones run with the attention kernel swapped for a stub (right
               shapes, reads nothing): (stub ms/step of the policy - stub ms/step of full) / ms/step
@@ -19,7 +21,6 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import time
 import traceback
 
@@ -173,7 +174,9 @@ def run(model, prompt, name):
     for (j, t_pre), (_, t_post) in zip(marks[2::2], marks[3::2]):
         calls.setdefault(j, []).append(t_post - t_pre)
     eager = [sum(calls[j + 1]) for j in range(WARMUP, cut) if j + 1 in calls and not captured[j]]
+    capture = [t for j, t in enumerate(steps) if captured[j]]
     return dict(prefill_s=stops[0] - t0, ms=mean_ms(timed), captures=real - len(timed), graph=1 - len(eager) / len(timed),
+                capture_ms=mean_ms(capture) if capture else None,
                 host_ms=mean_ms(eager) if eager else None,
                 stub_ms=mean_ms(stub_steps) if stub_steps and STUB_CALLS[0] else None,
                 full_frac=d["full"] / d["steps"], read=d["read"] / d["steps"], timed_steps=len(timed),
@@ -226,7 +229,7 @@ def predict(base, h2o, L, name, model, bw):
 
 
 def table(rows):
-    head = ["length", "policy", "layers", "prefill s", "ms/step", "tok/s", "vs full", "graph", "host ms",
+    head = ["length", "policy", "layers", "prefill s", "ms/step", "tok/s", "vs full", "graph", "no-graph ms", "capture ms",
             "full-step frac", "read/layer-step", "floor ms", "bookkeep", "peak GiB", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     f = lambda x, fmt: "—" if x is None else format(x, fmt)
@@ -234,7 +237,7 @@ def table(rows):
         lines.append("| " + " | ".join([f"{r['length'] // 1024}K" if r["length"] >= 1024 else str(r["length"]),
             r["policy"], str(r.get("layers", "—")), f(r.get("prefill_s"), ".2f"), f(r.get("ms"), ".2f"),
             f(r.get("ms") and 1e3 / r["ms"], ".1f"), f(r.get("speedup"), ".2f"), f(r.get("graph"), ".0%"),
-            f(r.get("host_ms"), ".2f"),
+            f(r.get("host_ms"), ".2f"), f(r.get("capture_ms"), ".1f"),
             f(r.get("full_frac"), ".3f"), f(r.get("read"), ".0f"), f(r.get("floor_ms"), ".2f"),
             f(r.get("bookkeep"), ".1%"), f(r.get("peak_gib"), ".1f"), r.get("note", "")]) + " |")
     return "\n".join(lines)

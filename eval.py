@@ -58,7 +58,8 @@ def run_config(job):
             chain.append(tasks.score(ex, output))
         else:
             exact[ex.task].append(tasks.exact(ex, output))
-        read, dense = read + policy.read, dense + policy.dense
+        c = policy.stats()
+        read, dense = read + c["read"], dense + c["dense"]
     return dict(policy=label, budget="-" if name == "full" else f"{frac:g}",
                 **{f"hop{h}": a for h, a in enumerate(tasks.hop_accuracy(chain, HOPS), 1)},
                 multi_key=sum(exact["multi_key"]) / n, id_range=sum(exact["id_range"]) / n,

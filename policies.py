@@ -79,7 +79,8 @@ class Policy:
         self.n_kv, self.prompt_len = k.shape[0], q.shape[1]
         if layer == 0 or not hasattr(self, "count"):  # steps, full, attended, read, dense; summed over layer-steps
             self.count = torch.zeros(5, dtype=torch.long, device=k.device)  # positions summed over KV heads
-            self.units = torch.tensor([[1, 0], [1, 1], [0, 1]], device=k.device)
+            self.adds = {kind: torch.tensor(a, device=k.device)  # what each call adds to (steps, full)
+                         for kind, a in (("partial", [1, 0]), ("full", [1, 1]), ("score pass", [0, 1]))}
 
     def plan(self, t):
         """Called on the host before the decode step that makes token t (t >= 2). Steps with the same
@@ -95,13 +96,13 @@ class Policy:
         full step would read. The counters live on the device, so graph replays count too."""
         dense = self.n_kv * (pos + 1)  # [1]
         n = dense if idx is None else (idx >= 0).sum().view(1) + self.n_kv
-        self.count += torch.cat([self.units[int(idx is None)], n, n if extra is None else n + self.n_kv * extra, dense])
+        self.count += torch.cat([self.adds["full" if idx is None else "partial"], n, n if extra is None else n + self.n_kv * extra, dense])
         return decode_attention(q, k, v, pos, idx, scores, self.kernel)
 
     def score_pass(self, q, k, v, pos):
         """An extra full pass for its scores alone [H, N]; it reads every position (a full step)."""
         read = self.n_kv * (pos + 1)
-        self.count += torch.cat([self.units[2], read * 0, read, read * 0])
+        self.count += torch.cat([self.adds["score pass"], torch.zeros_like(read), read, torch.zeros_like(read)])
         return decode_attention(q, k, v, pos, None, True, self.kernel)[1]
 
     def stats(self):
@@ -121,7 +122,7 @@ class RefreshKV(Policy):
         self.budget, self.stride, self.threshold, self.refresh_only = budget, stride, threshold, refresh_only
         self.pool = pool  # max-pool kernel over positions (7 in the paper, for BPE tokens)
         self.small, self.rank, self.q_mean = {}, {}, {}  # per layer: positions [Hkv, K], their rank, mean query
-        self.t = 1
+        self.check = False  # set by plan() before each step
 
     def refresh(self, layer, probs, q_raw, last=None):
         """The small cache becomes the top-K positions of this step's aggregated, pooled scores."""
@@ -138,16 +139,14 @@ class RefreshKV(Policy):
         self.refresh(layer, prompt_probs(q[:, -1:], k[:, :self.prompt_len])[:, 0], q_raw[:, -1])
 
     def plan(self, t):
-        self.t = t
-        if t % self.stride:
+        self.check = t % self.stride == 0  # a full step, or with a threshold a check step
+        if not self.check:
             return "partial"
         return "full" if self.threshold is None else None  # the similarity check reads a value on the host
 
     def full_step(self, layer, q_raw):
-        if self.t % self.stride:
-            return False
-        if self.threshold is None:
-            return True
+        if not self.check or self.threshold is None:
+            return self.check
         return F.cosine_similarity(q_raw.float().mean(0), self.q_mean[layer], dim=0).item() < self.threshold
 
     def attend(self, layer, q, k, v, pos, q_raw):
@@ -160,8 +159,9 @@ class RefreshKV(Policy):
             self.refresh(layer, probs, q_raw, pos)
             return out
         out = self.run(q, k, v, pos, self.small[layer])[0]
-        # The current token joins and the lowest-ranked member leaves (an empty slot first). A joined
-        # token's rank is 1 + its position: above any score, and the oldest joined token ranks lowest.
+        # The current token joins and the lowest-ranked member leaves (an empty slot first; between
+        # equal scores, either). A joined token's rank is 1 + its position: above any score, and the
+        # oldest joined token ranks lowest.
         slot = self.rank[layer].argmin(1, keepdim=True)
         new = current(pos, self.n_kv)
         self.small[layer].scatter_(1, slot, new)
@@ -186,7 +186,8 @@ class StreamingLLM(Policy):
 
 class SnapKV(Policy):
     """At the end of prefill the last `window` queries vote for prompt positions; the top budget - window
-    of them and the window itself are kept for good. Every generated token is kept too."""
+    of them and the window itself are kept for good. Every generated token is kept too, in slots
+    made at prefill for the whole cache (the kernel skips the empty ones, but walks their indices)."""
 
     def __init__(self, budget, window=1, pool=7):
         if not 1 <= window < budget:
@@ -241,9 +242,9 @@ class H2O(Policy):
         out, probs = self.run(q, k, v, pos, kept, scores=True)
         got = group_max(probs, self.n_kv)  # [Hkv, K + 1], the current token last
         acc += got[:, :-1]
-        # The current token joins; the non-recent member with the smallest score leaves (an empty
-        # slot first). The current token is recent itself, so it takes that slot.
-        recent = kept > pos - self.budget // 2
+        # The current token joins, taking the slot of the non-recent member with the smallest
+        # score (an empty slot first).
+        recent = (kept > pos - self.budget // 2) & (kept >= 0)
         slot = acc.masked_fill(recent, float("inf")).argmin(1, keepdim=True)
         kept.scatter_(1, slot, current(pos, self.n_kv))
         acc.scatter_(1, slot, got[:, -1:])
@@ -299,7 +300,7 @@ class Quest(Policy):
     def attend(self, layer, q, k, v, pos, q_raw):
         if layer < 2:
             return self.run(q, k, v, pos)[0]
-        (Hkv, N, D), P = k.shape, self.page_size
+        (Hkv, _, D), P = k.shape, self.page_size
         kmin, kmax, page = self.kmin[layer], self.kmax[layer], pos // P
         # The current token's key enters its page's bounds (a new page starts from it).
         key, first = k.index_select(1, pos), pos % P == 0  # [Hkv, 1, D]

@@ -35,7 +35,8 @@ def generate(model, prompt, policy=None, max_new_tokens=256, temperature=0.0, to
     On CUDA each decode step runs as a CUDA graph: the first step of each plan (policy.plan) runs
     as is and is then captured; later steps of that plan replay it, with the token and its
     position in fixed buffers. graphs: the captured graphs by plan (a fresh dict by default);
-    False runs every step without them (to compare)."""
+    False runs every step without them (to compare). The first step of a plan runs attend's Python
+    code twice (run, then captured), so a policy keeps its counts on the device, not in Python."""
     device = model.tok_embeddings.weight.device
     policy = policy or Policy()
     model.setup_cache(len(prompt) + max_new_tokens)
@@ -46,6 +47,8 @@ def generate(model, prompt, policy=None, max_new_tokens=256, temperature=0.0, to
     step = lambda: model(token_now, pos_now, policy)[0, -1]
     if graphs is None:
         graphs = {} if device.type == "cuda" else False
+    if graphs:
+        raise ValueError("graphs must start empty: a graph holds the buffers of one generation")
     for t in range(1, max_new_tokens + 1):
         token = sample(logits, temperature, top_p, gen)
         yield token, logits

@@ -69,6 +69,16 @@ def test_every_policy_with_budget_covering_everything_is_full_attention(case, na
     torch.testing.assert_close(got_logits, logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", [n for n in POLICIES if n != "full"])
+def test_budget_far_above_a_short_prompt_is_full_attention(name):
+    """Fixed cases the property test rarely draws: K much larger than the prompt, so empty slots last."""
+    case = dict(seed=3, n_layers=2, n_kv_heads=2, group=2, prompt_len=10, new=30)
+    tokens, logits = run(case, Policy())
+    got_tokens, got_logits = run(case, POLICIES[name](budget=64))
+    assert got_tokens == tokens
+    torch.testing.assert_close(got_logits, logits, rtol=1e-5, atol=1e-5)
+
+
 # ---- Property 4: right after a full step, the small cache is that step's top-K ----
 
 class Recorded(RefreshKV):
