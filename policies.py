@@ -96,7 +96,8 @@ class Policy:
         full step would read. The counters live on the device, so graph replays count too."""
         dense = self.n_kv * (pos + 1)  # [1]
         n = dense if idx is None else (idx >= 0).sum().view(1) + self.n_kv
-        self.count += torch.cat([self.adds["full" if idx is None else "partial"], n, n if extra is None else n + self.n_kv * extra, dense])
+        read = n if extra is None else n + self.n_kv * extra
+        self.count += torch.cat([self.adds["full" if idx is None else "partial"], n, read, dense])
         return decode_attention(q, k, v, pos, idx, scores, self.kernel)
 
     def score_pass(self, q, k, v, pos):
