@@ -10,8 +10,9 @@ Each (length, policy) is one refreshkv.generate() call on a prompt of random tok
               as is and is then captured in a CUDA graph (the note counts them)
   graph       share of the timed steps replayed from a CUDA graph (refreshkv's similarity check steps
               read a value on the host and run without one)
-  no-graph ms mean time of the timed steps run without a graph (--eager: all; refreshkv-sim: its check
-              steps, which also sync once per layer to read the similarity)
+  no-graph ms mean host time inside the model's forward, over the timed steps run without a graph
+              (--eager: all; refreshkv-sim: its check steps, whose forward syncs once per layer to
+              read the similarity); close to ms/step means the step waits on the CPU
   capture ms  mean time of the steps that ran a plan for the first time and captured its graph
   floor ms    (weight bytes + the K/V bytes the policy read) / copy bandwidth measured in this run
   bookkeep    the steps after the timed ones run with the attention kernel swapped for a stub (right

@@ -174,19 +174,23 @@ def test_no_return_after_eviction_and_budgets_hold(case, name, budget):
 
 # ---- Graph safety: attend updates state in place, so a captured decode step stays valid ----
 
+def state_tensors(policy):
+    """Every tensor the policy keeps in its per-layer (or per-kind) dicts, by (attribute, key)."""
+    return {(k, layer): t for k, v in vars(policy).items() if isinstance(v, dict)
+            for layer, t in v.items() if isinstance(t, torch.Tensor)}
+
+
 @pytest.mark.parametrize("name", [n for n in POLICIES if n != "full"])
 def test_state_is_updated_in_place(name):
     model = tiny_model(0, 3, 2, 2)
     policy = POLICIES[name](budget=12)
     gen = generate(model, list(range(40)), policy, 12)
     next(gen)  # after the prefill
-    state = {(k, layer): t for k, v in vars(policy).items() if isinstance(v, dict)
-             for layer, t in v.items() if isinstance(t, torch.Tensor)}
+    state = state_tensors(policy)
     ptrs = {key: t.data_ptr() for key, t in state.items()}
     for _ in gen:
         pass
-    now = {(k, layer): t for k, v in vars(policy).items() if isinstance(v, dict)
-           for layer, t in v.items() if isinstance(t, torch.Tensor)}
+    now = state_tensors(policy)
     assert now.keys() == state.keys() and all(now[key] is state[key] and t.data_ptr() == ptrs[key]
                                               for key, t in now.items())
 
