@@ -98,8 +98,9 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q_raw = q
         q, k = apply_rope(torch.cat([q, k], 1), cos, sin).split([self.n_heads, self.n_kv_heads], 1)  # one pass
-        if pos is None:  # training: plain causal attention, no cache
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if pos is None:  # training, no cache: causal attention, or a training-time policy's (train.py)
+            y = policy(self.layer_id, q, k, v) if policy is not None else \
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:  # inference, batch 1: write the new keys and values into the full cache at pos [L]
             self.cache_k.index_copy_(1, pos, k[0])
             self.cache_v.index_copy_(1, pos, v[0])
@@ -153,7 +154,8 @@ class Transformer(nn.Module):
         self.inv_freq = rope_frequencies(args)  # a plain tensor, moved to the input's device on use
 
     def forward(self, tokens, start_pos=None, policy=None):
-        """tokens [B, L] -> logits. Training (start_pos None): [B, L, vocab].
+        """tokens [B, L] -> logits. Training (start_pos None): [B, L, vocab]; there `policy`, if given,
+        is a function (layer, q [B, H, L, D], k, v [B, Hkv, L, D]) -> attention output [B, H, L, D].
         Inference (batch 1, cache set up): the tokens sit at start_pos.. (an int, or a one-element
         tensor on the device, so that a decode step can be captured once in a CUDA graph and
         replayed at every position); a prompt starts at 0. Returns the last one's logits [1, 1, vocab]."""
