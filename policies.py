@@ -15,7 +15,10 @@ in place (copy_, scatter_). What may differ between steps goes through plan(t), 
 To add a policy: write a class like the ones below and add its name to POLICIES.
 Each class docstring says what the policy keeps; the README has the table and the papers.
 """
+import inspect
 import math
+import types
+import typing
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +120,8 @@ class RefreshKV(Policy):
     everything and refreshes the small cache with the top-K of its scores. Full steps come every
     `stride` steps, or, with `threshold`, at every stride-th step where the query has drifted."""
 
-    def __init__(self, budget, stride=10, threshold=None, refresh_only=False, pool=7):
+    def __init__(self, budget: int, stride: int = 10, threshold: float | None = None, refresh_only: bool = False,
+                 pool: int = 7):
         if budget < 1 or stride < 1 or pool < 1 or pool % 2 == 0:
             raise ValueError(f"refreshkv needs budget >= 1, stride >= 1 and an odd pool >= 1 (got {budget}, {stride}, {pool})")
         self.budget, self.stride, self.threshold, self.refresh_only = budget, stride, threshold, refresh_only
@@ -173,7 +177,7 @@ class RefreshKV(Policy):
 class StreamingLLM(Policy):
     """Attention sinks: the first `sinks` positions and the most recent budget - sinks ones."""
 
-    def __init__(self, budget, sinks=4):
+    def __init__(self, budget: int, sinks: int = 4):
         if not 0 <= sinks < budget:
             raise ValueError(f"streamingllm needs 0 <= sinks < budget (got sinks {sinks}, budget {budget})")
         self.budget, self.sinks = budget, sinks
@@ -190,7 +194,7 @@ class SnapKV(Policy):
     of them and the window itself are kept for good. Every generated token is kept too, in slots
     made at prefill for the whole cache (the kernel skips the empty ones, but walks their indices)."""
 
-    def __init__(self, budget, window=1, pool=7):
+    def __init__(self, budget: int, window: int = 1, pool: int = 7):
         if not 1 <= window < budget:
             raise ValueError(f"snapkv needs 1 <= window < budget (got window {window}, budget {budget})")
         if pool < 1 or pool % 2 == 0:
@@ -219,7 +223,7 @@ class H2O(Policy):
     """Heavy hitters: each position accumulates the scores it receives from every query. Keep the
     budget/2 most recent positions and the rest of the budget with the largest accumulated score."""
 
-    def __init__(self, budget, block=256):
+    def __init__(self, budget: int, block: int = 256):
         if budget < 2:
             raise ValueError(f"h2o needs budget >= 2 (got {budget})")
         self.budget, self.block = budget, block
@@ -256,7 +260,7 @@ class TOVA(Policy):
     """Token omission via attention: keep the budget positions the current query scores highest
     (mean over all the layer's heads); each step the lowest one leaves for good."""
 
-    def __init__(self, budget):
+    def __init__(self, budget: int):
         if budget < 1:
             raise ValueError(f"tova needs budget >= 1 (got {budget})")
         self.budget = budget
@@ -280,7 +284,7 @@ class Quest(Policy):
     min and max of their keys; the query attends to the pages whose score bound is highest, always
     including the newest page. The first two layers attend densely."""
 
-    def __init__(self, budget, page_size=16):
+    def __init__(self, budget: int, page_size: int = 16):
         if budget < 1 or page_size < 1:
             raise ValueError(f"quest needs budget >= 1 and page size >= 1 (got {budget}, {page_size})")
         self.pages, self.page_size = math.ceil(budget / page_size), page_size
@@ -323,7 +327,7 @@ class Oracle(Policy):
     """The best K positions for each step: a full pass for the scores, then attention to their top-K.
     As costly as full attention; an upper bound for any K-token selection."""
 
-    def __init__(self, budget):
+    def __init__(self, budget: int):
         if budget < 1:
             raise ValueError(f"oracle needs budget >= 1 (got {budget})")
         self.budget = budget
@@ -336,3 +340,113 @@ class Oracle(Policy):
 
 POLICIES = {"full": Policy, "refreshkv": RefreshKV, "streamingllm": StreamingLLM, "snapkv": SnapKV,
             "h2o": H2O, "tova": TOVA, "quest": Quest, "oracle": Oracle}
+
+
+# ---- The registry: policies by name, their knobs read from the constructors ----
+
+DEFAULT_BUDGET = 0.125  # K = L/8, the paper's
+
+
+def knobs(cls):
+    """A policy's knobs {name: inspect.Parameter, annotation resolved}: its constructor's parameters,
+    and, where the constructor forwards **kwargs, those of the classes it inherits from."""
+    found = {}
+    for c in cls.__mro__:
+        if c is object:
+            break
+        if "__init__" not in vars(c):
+            continue
+        hints = typing.get_type_hints(c.__init__)
+        params = list(inspect.signature(c.__init__).parameters.values())[1:]  # without self
+        for p in params:
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                found.setdefault(p.name, p.replace(annotation=hints.get(p.name, str)))
+        if all(p.kind is not p.VAR_KEYWORD for p in params):
+            break
+    return found
+
+
+def policy_class(name):
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r} (choose from {', '.join(POLICIES)})")
+    return POLICIES[name]
+
+
+def convert(name, knob, text):
+    """The text of a knob's value -> its value, by the constructor's annotation (int, float, bool,
+    str, or one of them | None). A budget is tokens ("256") or a fraction of the prompt ("0.125")."""
+    kind = knobs(policy_class(name))[knob].annotation
+    if knob == "budget":
+        kind = float if "." in text or "e" in text.lower() else int
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        if text.lower() == "none":
+            return None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    try:
+        if kind is bool:
+            return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.lower()]
+        return kind(text)
+    except (KeyError, ValueError):
+        what = "a number of tokens or a fraction" if knob == "budget" else getattr(kind, "__name__", kind)
+        raise ValueError(f"{name} knob {knob} wants {what}, got {text!r}") from None
+
+
+def parse_specs(text):
+    """'full,refreshkv:stride=5,pool=31,snapkv' -> [('full', {}), ('refreshkv', {'stride': 5, 'pool': 31}),
+    ('snapkv', {})]. A piece with '=' and no ':' is one more knob of the policy before it."""
+    specs = []
+    for piece in text.split(","):
+        piece = piece.strip()
+        if "=" in piece and ":" not in piece:
+            if not specs:
+                raise ValueError(f"knob {piece!r} comes before any policy name")
+            name, setting = specs[-1][0], piece
+        else:
+            name, _, setting = piece.partition(":")
+            policy_class(name)
+            specs.append((name, {}))
+        if setting:
+            knob, eq, value = setting.partition("=")
+            knob = knob.strip().replace("-", "_")
+            if not eq:
+                raise ValueError(f"{name} knob {knob!r} needs a value (knob=value)")
+            if knob not in knobs(POLICIES[name]):
+                raise ValueError(f"policy {name} takes no knob {knob!r} (its knobs: {', '.join(knobs(POLICIES[name])) or 'none'})")
+            specs[-1][1][knob] = convert(name, knob, value.strip())
+    return specs
+
+
+def budget_tokens(budget, prompt_len):
+    """A budget in tokens (int >= 1) or as a fraction of the prompt (float in (0, 1]) -> tokens."""
+    if isinstance(budget, float):
+        if not 0 < budget <= 1:
+            raise ValueError(f"a budget fraction must lie in (0, 1], got {budget}")
+        return max(1, int(budget * prompt_len))
+    if budget < 1:
+        raise ValueError(f"budget must be at least 1 token, got {budget}")
+    return budget
+
+
+def build(name, knobs_given, prompt_len):
+    """The policy `name` with these knobs (values as parse_specs gives them) for a prompt of
+    prompt_len tokens; the budget defaults to DEFAULT_BUDGET of the prompt."""
+    params = knobs(policy_class(name))
+    for knob in knobs_given:
+        if knob not in params:
+            raise ValueError(f"policy {name} takes no knob {knob!r} (its knobs: {', '.join(params) or 'none'})")
+    given = dict(knobs_given)
+    if "budget" in params:
+        given["budget"] = budget_tokens(given.get("budget", DEFAULT_BUDGET), prompt_len)
+    missing = [k for k, p in params.items() if p.default is p.empty and k not in given]
+    if missing:
+        raise ValueError(f"policy {name} needs knob {missing[0]!r}")
+    return POLICIES[name](**given)
+
+
+def label(name, knobs_given):
+    """'refreshkv:stride=5,pool=31': the knobs that differ from their defaults, as parse_specs reads them."""
+    params = knobs(policy_class(name))
+    default = lambda k: DEFAULT_BUDGET if k == "budget" else params[k].default
+    text = lambda v: str(v).lower() if isinstance(v, bool) or v is None else str(v)
+    shown = [f"{k}={text(v)}" for k, v in knobs_given.items() if v != default(k)]
+    return name + (":" + ",".join(shown) if shown else "")
