@@ -202,29 +202,56 @@ def hf_names(args):
     return names
 
 
+def setting(cfg, key, default=None, kind=int):
+    """cfg[key] (default when absent) checked to be a positive int, or with kind=float a positive number."""
+    if key not in cfg and default is None:
+        raise CheckpointError(f"config.json lacks {key!r}")
+    value = cfg.get(key, default)
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if not (ok and 0 < value < math.inf):  # also no NaN, which JSON allows
+        raise CheckpointError(f"config.json: {key} must be a positive {'number' if kind is float else 'integer'}, "
+                              f"got {json.dumps(value)[:40]}")
+    return value
+
+
 def args_from_config(cfg):
+    """config.json (parsed) -> ModelArgs; a config of the wrong shape is a CheckpointError that names the field."""
+    if not isinstance(cfg, dict):
+        raise CheckpointError("config.json is not a JSON object")
     if cfg.get("architectures") != ["LlamaForCausalLM"]:
-        raise CheckpointError(f"architecture {cfg.get('architectures')} is not LlamaForCausalLM")
+        raise CheckpointError(f"architecture {str(cfg.get('architectures'))[:60]} is not LlamaForCausalLM")
     if cfg.get("attention_bias") or cfg.get("mlp_bias"):
         raise CheckpointError("attention or MLP biases are not part of Llama-3")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}  # newer configs nest rope_theta here
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"config.json: rope_scaling must be an object or null, got {json.dumps(rope)[:40]}")
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "llama3"):
-        raise CheckpointError(f"rope scaling type {kind!r} is not supported (only llama3)")
+        raise CheckpointError(f"rope scaling type {str(kind)[:40]!r} is not supported (only llama3)")
+    scaling = None
+    if kind == "llama3":
+        scaling = {k: setting(rope, k, kind=float) for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                                            "original_max_position_embeddings")}
+    n_heads = setting(cfg, "num_attention_heads")
+    n_kv_heads = setting(cfg, "num_key_value_heads", n_heads)
+    if n_heads % n_kv_heads:
+        raise CheckpointError(f"config.json: {n_heads} attention heads do not split into {n_kv_heads} KV-head groups")
+    if not isinstance(cfg.get("tie_word_embeddings", False), bool):
+        raise CheckpointError("config.json: tie_word_embeddings must be true or false")
     eos = cfg.get("eos_token_id", 128001)
-    try:
-        return ModelArgs(
-            dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-            n_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-            vocab_size=cfg["vocab_size"], hidden_dim=cfg["intermediate_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-            rope_scaling={k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                                "original_max_position_embeddings")} if kind == "llama3" else None,
-            max_seq_len=cfg.get("max_position_embeddings", 8192), tie_embeddings=cfg.get("tie_word_embeddings", False),
-            head_dim=cfg.get("head_dim"), bos_id=cfg.get("bos_token_id", 128000),
-            eos_ids=eos if isinstance(eos, list) else [eos])
-    except KeyError as e:
-        raise CheckpointError(f"config.json lacks {e}") from None
+    eos = eos if isinstance(eos, list) else [eos]
+    ids = [cfg.get("bos_token_id", 128000)] + eos
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise CheckpointError(f"config.json: bos_token_id and eos_token_id must be token ids, got {json.dumps(ids)[:40]}")
+    return ModelArgs(
+        dim=setting(cfg, "hidden_size"), n_layers=setting(cfg, "num_hidden_layers"), n_heads=n_heads,
+        n_kv_heads=n_kv_heads, vocab_size=setting(cfg, "vocab_size"), hidden_dim=setting(cfg, "intermediate_size"),
+        norm_eps=setting(cfg, "rms_norm_eps", 1e-5, float),
+        rope_theta=setting(rope if "rope_theta" in rope else cfg, "rope_theta", 10000.0, float),
+        rope_scaling=scaling, max_seq_len=setting(cfg, "max_position_embeddings", 8192),
+        tie_embeddings=cfg.get("tie_word_embeddings", False),
+        head_dim=setting(cfg, "head_dim") if cfg.get("head_dim") is not None else None,
+        bos_id=ids[0], eos_ids=eos)
 
 
 def config_from_args(args, dtype=torch.float32):
@@ -254,13 +281,18 @@ def safetensors_files(path):
     return files
 
 
+def first_line(error):
+    """An exception as a short message (some libraries put a whole file's bytes into theirs)."""
+    return (str(error).splitlines() or [type(error).__name__])[0][:120]
+
+
 def load_tokenizer(path, vocab_size):
     for f in (path / "tokenizer.model", path / "original" / "tokenizer.model"):
         if f.is_file():
             try:
                 return Tokenizer.from_file(f, vocab_size)
             except Exception as e:
-                raise CheckpointError(f"cannot read tokenizer {f}: {str(e).splitlines()[0]}") from None
+                raise CheckpointError(f"cannot read tokenizer {f}: {first_line(e)}") from None
     raise CheckpointError(f"no tokenizer.model in {path} or {path / 'original'}")
 
 
@@ -287,6 +319,8 @@ def load(path, device="cpu", dtype=torch.float32):
                 for key in f.keys():
                     if key.endswith("rotary_emb.inv_freq"):
                         continue  # some checkpoints store rope frequencies; we compute them
+                    if key == "lm_head.weight" and args.tie_embeddings:
+                        continue  # tied: the output layer is the embedding (as in transformers)
                     if key not in to_ours:
                         raise CheckpointError(f"unexpected tensor {key} in {file.name}")
                     t = f.get_tensor(key)
@@ -297,7 +331,7 @@ def load(path, device="cpu", dtype=torch.float32):
         except CheckpointError:
             raise
         except Exception as e:  # a truncated or corrupt file
-            raise CheckpointError(f"cannot read {file}: {str(e).splitlines()[0]}") from None
+            raise CheckpointError(f"cannot read {file}: {first_line(e)}") from None
     missing = [name for name in names if name not in state]
     if missing:
         raise CheckpointError(f"checkpoint lacks {names[missing[0]]} ({len(missing)} tensors missing)")

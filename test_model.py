@@ -2,6 +2,7 @@
 import base64
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -126,12 +127,54 @@ def edit_config(path, **changes):
     (lambda p: edit_config(p, num_hidden_layers=3), "checkpoint lacks"),
     (lambda p: edit_config(p, rope_scaling={"rope_type": "yarn", "factor": 4.0}), "not supported"),
     (lambda p: (p / "model.safetensors").write_bytes(b"garbage"), "cannot read"),
+    # valid JSON of the wrong shape
+    (lambda p: (p / "config.json").write_text("[1, 2]"), "not a JSON object"),
+    (lambda p: edit_config(p, rope_scaling="llama3"), "rope_scaling must be an object"),
+    (lambda p: edit_config(p, hidden_size="384"), "hidden_size must be a positive integer"),
+    (lambda p: edit_config(p, num_attention_heads=0), "num_attention_heads must be a positive integer"),
+    (lambda p: edit_config(p, max_position_embeddings=None), "max_position_embeddings must be a positive integer"),
+    (lambda p: edit_config(p, rms_norm_eps=float("nan")), "rms_norm_eps must be a positive number"),
+    (lambda p: edit_config(p, num_key_value_heads=3), "do not split into 3"),
+    (lambda p: edit_config(p, rope_scaling={"rope_type": "llama3", "factor": 8.0}), "lacks 'low_freq_factor'"),
+    (lambda p: edit_config(p, eos_token_id="257"), "must be token ids"),
+    (lambda p: edit_config(p, tie_word_embeddings="yes"), "true or false"),
+    # rank files: cut short, garbage, a gap in the ranks
+    (lambda p: cut_lines(p / "tokenizer.model", 100), "single bytes are not tokens"),
+    (lambda p: (p / "tokenizer.model").write_bytes(bytes(range(256)) * 4), "line 1 is not 'base64-token rank'"),
+    (lambda p: cut_lines(p / "tokenizer.model", 200, 201), "255 ranks are not 0..254"),
 ])
 def test_broken_checkpoints_raise_one_clear_error(ckpt, breakage, message):
     _, path = ckpt
     breakage(path)
-    with pytest.raises(CheckpointError, match=message):
+    with pytest.raises(CheckpointError, match=re.escape(message)) as e:
         load(path)
+    assert len(str(e.value)) < 200 + len(str(path)) and "\n" not in str(e.value)
+
+
+def cut_lines(path, keep, drop=None):
+    """Keep the first `keep` lines of a text file, leaving out lines keep..drop-1 when drop is given."""
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:keep] + (lines[drop:] if drop else [])))
+
+
+def test_tied_checkpoint_that_also_stores_lm_head_loads(tmp_path):
+    model = tiny(tie_embeddings=True)
+    save(model, tmp_path, Tokenizer.byte_level())
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()  # as some exports do
+    save_file(tensors, tmp_path / "model.safetensors")
+    loaded, _ = load(tmp_path)
+    assert loaded.output.weight is loaded.tok_embeddings.weight
+    tokens = torch.randint(0, 258, (1, 9))
+    assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_rank_file_is_read_without_tiktokens_cache(tmp_path, monkeypatch):
+    """tiktoken's own loader keeps a copy of each file it reads under the temp dir; ours does not."""
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
+    Tokenizer.byte_level().save(tmp_path / "tokenizer.model")
+    assert Tokenizer.from_file(tmp_path / "tokenizer.model", 258).encode("hi") == [104, 105]
+    assert not (tmp_path / "cache").exists()
 
 
 def test_llama3_tokenizer_file(tmp_path):
@@ -152,3 +195,17 @@ def test_llama3_tokenizer_file(tmp_path):
     assert tok.encode("<|eot_id|>") != [258 + 9]  # special-token text in a prompt stays text
     with pytest.raises(ValueError, match="do not fit"):
         Tokenizer.from_file(tmp_path / "tokenizer.model", vocab_size=100)
+
+
+def test_chat_format_uses_special_token_ids(tmp_path):
+    """Llama-3's instruct format: headers and <|eot_id|> as single special ids; the text between stays text."""
+    tok = Tokenizer({bytes([i]): i for i in range(256)}, n_special=256)
+    start, end, eot = 256 + 6, 256 + 7, 256 + 9
+    ids = tok.encode_chat(" hi <|eot_id|>\n", system="be brief")
+    text = lambda s: tok.encode(s)
+    assert ids == ([tok.bos_id, start] + text("system") + [end] + text("\n\nbe brief") + [eot, start] + text("user")
+                   + [end] + text("\n\nhi <|eot_id|>") + [eot, start] + text("assistant") + [end] + text("\n\n"))
+    assert eot in tok.eos_ids
+    assert tok.encode_chat("hi")[:2] == [tok.bos_id, start] and tok.encode_chat("hi")[2:6] == text("user")
+    with pytest.raises(ValueError, match="no <\\|start_header_id\\|>"):
+        Tokenizer.byte_level().encode_chat("hi")
