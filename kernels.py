@@ -23,6 +23,10 @@ try:
     import triton.language as tl
 except ImportError:  # triton is optional: "torch" and CPU "auto" still work
     triton = None
+try:  # programmatic dependent launch (Hopper): the combine kernel starts before the split pass ends
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton at import, too
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -75,7 +79,10 @@ if triton is not None:
                       sk0, sk1, sv0, sv1, si0, n_idx, width, S, qk_scale,
                       G: tl.constexpr, D: tl.constexpr,
                       BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HAS_IDX: tl.constexpr,
-                      SCORES: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                      SCORES: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                      PDL: tl.constexpr):
+        if PDL:  # every program is running: the combine kernel may be scheduled (it waits)
+            gdc_launch_dependents()
         kvh = tl.program_id(0)
         split = tl.program_id(1)
         g = tl.arange(0, BLOCK_G)                     # query head within the group (padded)
@@ -100,15 +107,16 @@ if triton is not None:
             inside = j < n_att
             if HAS_IDX:  # entries 0..n-1 come from idx, entry n is the current token
                 at = tl.load(idx_ptr + kvh * si0 + j, mask=j < n_idx, other=0)
-                at = tl.where(j < n_idx, at, cur).to(tl.int64)
-                valid = inside & (at >= 0)            # idx < 0: an empty slot, never loaded
+                at = tl.where(j < n_idx, at, cur)
+                valid = inside & (at >= 0)            # idx < 0: an empty slot
             else:
-                at = j.to(tl.int64)
+                at = j
                 valid = inside
-            kk = tl.load(k_ptr + kvh * sk0 + at[:, None] * sk1 + d[None, :],
-                         mask=valid[:, None], other=0.0)   # [BLOCK_N, D]
-            vv = tl.load(v_ptr + kvh * sv0 + at[:, None] * sv1 + d[None, :],
-                         mask=valid[:, None], other=0.0)
+            # An entry that is not attended (empty slot, past the end) loads the current token's
+            # row instead: always in the cache, so the gathers need no mask; its logit is -inf.
+            at = tl.where(valid, at, cur).to(tl.int64)
+            kk = tl.load(k_ptr + kvh * sk0 + at[:, None] * sk1 + d[None, :])  # [BLOCK_N, D]
+            vv = tl.load(v_ptr + kvh * sv0 + at[:, None] * sv1 + d[None, :])
             if UPCAST:
                 kk = kk.to(tl.float32)
                 vv = vv.to(tl.float32)
@@ -133,9 +141,11 @@ if triton is not None:
     @triton.jit(do_not_specialize=["width", "S"])
     def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, s_ptr, pos_ptr, width, S,
                         D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
-                        SCORES: tl.constexpr, HAS_IDX: tl.constexpr):
+                        SCORES: tl.constexpr, HAS_IDX: tl.constexpr, PDL: tl.constexpr):
         """Grid (H, blocks of a probs row). Program (h, 0) writes out[h]; every program turns
         one block of head h's scaled logits into probabilities, in place."""
+        if PDL:  # launched early: wait until the split kernel's writes are complete and visible
+            gdc_wait()
         h = tl.program_id(0)
         b = tl.program_id(1)
         if b == 0:
@@ -160,15 +170,15 @@ if triton is not None:
 # Launch settings on CUDA, tuned on an H100 for Llama-3.1-8B shapes (bench_attention.py
 # --sweep); `splits` is the number of programs per KV head at long lengths.
 CUDA_CONFIG = {
-    "sparse": dict(block_n=64, num_warps=4, num_stages=2, splits=64),
-    "dense": dict(block_n=64, num_warps=4, num_stages=3, splits=32),
+    "sparse": dict(block_n=64, num_warps=4, num_stages=2, splits=64, pdl=True),
+    "dense": dict(block_n=64, num_warps=4, num_stages=3, splits=32, pdl=True),
 }
 # Interpreter: few programs, big blocks.
-CPU_CONFIG = dict(block_n=128, num_warps=4, num_stages=1, splits=2)
+CPU_CONFIG = dict(block_n=128, num_warps=4, num_stages=1, splits=2, pdl=False)
 
 
 def attention_triton(q, k, v, pos, idx=None, scores=False, block_n=None, num_splits=None,
-                     num_warps=None, num_stages=None, exact_splits=False):
+                     num_warps=None, num_stages=None, exact_splits=False, pdl=None):
     """Split-KV Triton decode. pos is read by the kernels only, and the grid and every launch
     argument depend on shapes alone, so one CUDA graph serves every position. Tuning
     arguments are for tests and the benchmark only; exact_splits=True keeps num_splits even
@@ -200,19 +210,144 @@ def attention_triton(q, k, v, pos, idx=None, scores=False, block_n=None, num_spl
     si0 = idx.stride(0) if idx is not None else 0
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     warps = num_warps or cfg["num_warps"]
+    pdl = cfg["pdl"] if pdl is None else pdl
+    pdl = bool(pdl and q.is_cuda and gdc_wait is not None)
+    launch = dict(launch_pdl=True) if pdl else {}  # only the second kernel is launched early
     _split_kernel[(Hkv, S)](
         q, k, v, pos, idx_arg, m, l, acc, probs,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), si0, n_idx, width, S,
         math.log2(math.e) / math.sqrt(D),
         G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,
-        HAS_IDX=idx is not None, SCORES=scores, UPCAST=INTERPRET, PREC=prec,
+        HAS_IDX=idx is not None, SCORES=scores, UPCAST=INTERPRET, PREC=prec, PDL=pdl,
         num_warps=warps, num_stages=num_stages or cfg["num_stages"])
     block_p = 1024 if dev.type == "cuda" else 4096
     nb = triton.cdiv(width, block_p) if scores else 1
     _combine_kernel[(H, nb)](m, l, acc, out, probs, pos, width, S, D=D,
                              BLOCK_S=max(2, triton.next_power_of_2(S)), BLOCK_P=block_p,
-                             SCORES=scores, HAS_IDX=idx is not None, num_warps=warps)
+                             SCORES=scores, HAS_IDX=idx is not None, PDL=pdl, num_warps=warps,
+                             **launch)
     return out, (probs if scores else None)
+
+
+# ----------------------------------------------------------------------------- prompt column sums
+
+def column_scores_torch(q, k, block=256):
+    """Reference for column_scores: blocks of `block` queries against every key ([H, block, L]
+    float32 at a time), causal softmax, the group's max, summed over the block's queries."""
+    H, L, D = q.shape
+    Hkv = k.shape[0]
+    acc = torch.zeros(Hkv, L, dtype=torch.float32, device=q.device)
+    kf = k.float()
+    for s in range(0, L, block):
+        e = min(s + block, L)
+        qb = q[:, s:e].float().view(Hkv, H // Hkv, e - s, D)
+        att = qb @ kf[:, None, :e].transpose(2, 3) / math.sqrt(D)        # [Hkv, G, b, e]
+        future = torch.arange(e, device=q.device) > torch.arange(s, e, device=q.device)[:, None]
+        p = att.masked_fill(future, float("-inf")).softmax(-1)
+        acc[:, :e] += p.amax(1).sum(1)                                    # group max, query sum
+    return acc
+
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["L"])
+    def _row_lse_kernel(q_ptr, k_ptr, lse_ptr, sq0, sq1, sk0, sk1, L, qk_scale,
+                        G: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr,
+                        BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+        """Pass 1, grid (H, query blocks): each query's log-sum-exp (base 2) over keys 0..i."""
+        h = tl.program_id(0)
+        qb = tl.num_programs(1) - 1 - tl.program_id(1)   # the longest rows first
+        i = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + h * sq0 + i[:, None] * sq1 + d[None, :], mask=(i < L)[:, None], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        m = tl.full([BLOCK_Q], -1e30, tl.float32)
+        l = tl.zeros([BLOCK_Q], tl.float32)
+        for j0 in range(0, tl.minimum((qb + 1) * BLOCK_Q, L), BLOCK_K):
+            j = j0 + tl.arange(0, BLOCK_K)
+            kk = tl.load(k_ptr + (h // G) * sk0 + j[:, None] * sk1 + d[None, :],
+                         mask=(j < L)[:, None], other=0.0)
+            if UPCAST:
+                kk = kk.to(tl.float32)
+            s = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale   # [BLOCK_Q, BLOCK_K]
+            s = tl.where(j[None, :] <= i[:, None], s, float("-inf"))       # causal
+            m_new = tl.maximum(m, tl.max(s, 1))
+            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+            m = m_new
+        tl.store(lse_ptr + h * L + i, m + tl.log2(l), mask=i < L)
+
+    @triton.jit(do_not_specialize=["L"])
+    def _column_kernel(q_ptr, k_ptr, lse_ptr, out_ptr, sq0, sq1, sk0, sk1, L, qk_scale,
+                       G: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr,
+                       BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+        """Pass 2, grid (Hkv, key blocks): for keys j of the block, the sum over queries i >= j
+        of the group's max probability exp2(s - lse). Only [BLOCK_Q, BLOCK_K] tiles exist."""
+        kvh = tl.program_id(0)
+        kb = tl.program_id(1)                            # the first blocks have the most queries
+        j = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        d = tl.arange(0, D)
+        kk = tl.load(k_ptr + kvh * sk0 + j[:, None] * sk1 + d[None, :], mask=(j < L)[:, None], other=0.0)
+        if UPCAST:
+            kk = kk.to(tl.float32)
+        acc = tl.zeros([BLOCK_K], tl.float32)
+        for i0 in range((kb * BLOCK_K) // BLOCK_Q * BLOCK_Q, L, BLOCK_Q):
+            i = i0 + tl.arange(0, BLOCK_Q)
+            seen = (j[None, :] <= i[:, None]) & (i < L)[:, None]          # causal, real queries
+            pmax = tl.zeros([BLOCK_Q, BLOCK_K], tl.float32)
+            for g in tl.static_range(G):                 # the group's query heads, one at a time
+                h = kvh * G + g
+                q = tl.load(q_ptr + h * sq0 + i[:, None] * sq1 + d[None, :], mask=(i < L)[:, None], other=0.0)
+                if UPCAST:
+                    q = q.to(tl.float32)
+                lse = tl.load(lse_ptr + h * L + i, mask=i < L, other=0.0)
+                s = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
+                pmax = tl.maximum(pmax, tl.where(seen, tl.exp2(s - lse[:, None]), 0.0))
+            acc += tl.sum(pmax, 0)
+        tl.store(out_ptr + kvh * L + j, acc, mask=j < L)
+
+
+def column_scores_triton(q, k, block_q=None, block_k=None, num_warps=None):
+    """Two passes over [BLOCK_Q, BLOCK_K] tiles: row log-sum-exps, then column sums."""
+    H, L, D = q.shape
+    Hkv = k.shape[0]
+    q = q if q.stride(2) == 1 else q.contiguous()
+    k = k if k.stride(2) == 1 else k.contiguous()
+    cfg = COLUMN_CONFIG if q.is_cuda else dict(block_q=32, block_k=32, num_warps=4)
+    bq, bk = block_q or cfg["block_q"], block_k or cfg["block_k"]
+    warps = num_warps or cfg["num_warps"]
+    lse = torch.empty(H, L, dtype=torch.float32, device=q.device)
+    out = torch.empty(Hkv, L, dtype=torch.float32, device=q.device)
+    scale = math.log2(math.e) / math.sqrt(D)
+    common = dict(G=H // Hkv, D=D, BLOCK_Q=bq, BLOCK_K=bk, UPCAST=INTERPRET,
+                  PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps)
+    _row_lse_kernel[(H, triton.cdiv(L, bq))](q, k, lse, q.stride(0), q.stride(1), k.stride(0),
+                                             k.stride(1), L, scale, **common)
+    _column_kernel[(Hkv, triton.cdiv(L, bk))](q, k, lse, out, q.stride(0), q.stride(1), k.stride(0),
+                                              k.stride(1), L, scale, **common)
+    return out
+
+
+COLUMN_CONFIG = dict(block_q=64, block_k=64, num_warps=4)  # CUDA; bench_attention.py --prefill
+
+
+def column_scores(q, k, kernel="auto"):
+    """H2O's accumulated prompt scores. q [H, L, D] the prompt's queries, k [Hkv, L, D] its keys
+    (GQA: query head h uses KV head h // (H // Hkv)) -> [Hkv, L] float32: for position j, the sum
+    over queries i >= j of the largest causal-softmax probability any of the group's heads gives j.
+    Never builds an L x L matrix. kernel: "torch", "triton", or "auto" (Triton on CUDA)."""
+    if q.dim() != 3 or k.dim() != 3 or q.shape[1:] != k.shape[1:] or q.shape[0] % k.shape[0] \
+            or q.dtype != k.dtype or q.device != k.device:
+        raise ValueError(f"want q [H, L, D] and k [Hkv, L, D] alike; got {tuple(q.shape)}, {tuple(k.shape)}")
+    if kernel == "auto":
+        kernel = "triton" if q.device.type == "cuda" and triton is not None else "torch"
+    if kernel == "torch":
+        return column_scores_torch(q, k)
+    if kernel != "triton" or triton is None or (q.device.type != "cuda" and not INTERPRET):
+        raise ValueError(f"kernel={kernel!r}: use 'torch', or 'triton' on CUDA or under TRITON_INTERPRET=1")
+    if q.shape[2] < 16 or q.shape[2] & (q.shape[2] - 1):
+        raise ValueError(f"kernel='triton' needs a power-of-2 head dim >= 16, got {q.shape[2]}")
+    return column_scores_triton(q, k)
 
 
 # ----------------------------------------------------------------------------- dispatch

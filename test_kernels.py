@@ -365,3 +365,60 @@ def test_cuda_graph_replays_at_any_position(dtype):
             close(out, want, TOL[dtype])
             close(p, pwant, 1e-4)
             check_probs(p, sel, cur + 1)
+
+
+# ----------------------------------------------------------------------------- prompt column sums
+
+def columns64(q, k):
+    """Float64 loops: for each position j, the sum over queries i >= j of the group's largest
+    causal-softmax probability at j."""
+    H, L, D = q.shape
+    Hkv = k.shape[0]
+    G = H // Hkv
+    out = torch.zeros(Hkv, L, dtype=torch.float64)
+    q, k = q.cpu().double(), k.cpu().double()
+    for kvh in range(Hkv):
+        for i in range(L):
+            p = torch.stack([(q[kvh * G + g, i] @ k[kvh, :i + 1].T / math.sqrt(D)).softmax(0)
+                             for g in range(G)])
+            out[kvh, :i + 1] += p.amax(0)
+    return out
+
+
+@FAST
+@given(Hkv=st.integers(1, 2), G=st.sampled_from([1, 3, 4]), L=st.integers(1, 80),
+       D=st.sampled_from([16, 32]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 2**16))
+def test_column_scores(Hkv, G, L, D, dtype, seed):
+    """Torch reference and the Triton two-pass kernel against the float64 formula: every
+    query's probabilities sum to 1, so the columns sum to L per KV head (up to the group max)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = (2 * torch.randn(Hkv * G, L, D, generator=gen)).to(dtype).to(DEV)
+    k = torch.randn(Hkv, L, D, generator=gen).to(dtype).to(DEV)
+    want = columns64(q, k)
+    kinds = ["torch"] + (["triton"] if HAS_TRITON else [])
+    for kind in kinds:
+        got = kernels.column_scores(q, k, kernel=kind).cpu().double()
+        tol = 2e-5 if dtype == torch.float32 and kind == "torch" else 2e-3
+        assert got.shape == (Hkv, L) and torch.allclose(got, want, atol=tol * L, rtol=tol), kind
+    if G == 1:  # one head per group: every query's row sums to 1
+        assert torch.allclose(want.sum(1), torch.full((Hkv,), float(L), dtype=torch.float64))
+
+
+@needs_triton
+def test_column_scores_tiles_and_strides():
+    """Lengths around the tile size and a strided view of q give the same columns."""
+    for L in (31, 32, 33, 64, 65):
+        gen = torch.Generator().manual_seed(L)
+        qb = torch.randn(4, L, 64, generator=gen).to(DEV)
+        q, k = qb[:, :, :32], torch.randn(2, L, 32, generator=gen).to(DEV)  # q: non-contiguous
+        close(kernels.column_scores(q, k, kernel="triton"), columns64(q, k).float().to(DEV), 1e-5)
+
+
+def test_column_scores_validation():
+    q, k = torch.randn(4, 10, 16), torch.randn(2, 10, 16)
+    for bad in ((q[0], k), (q, k[:, :9]), (q[:3], k), (q, k.double())):
+        with pytest.raises(ValueError):
+            kernels.column_scores(*bad)
+    with pytest.raises(ValueError):
+        kernels.column_scores(q, k, kernel="nope")
