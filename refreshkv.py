@@ -4,7 +4,6 @@
 """
 import argparse
 import codecs
-import inspect
 import os
 import sys
 import time
@@ -12,11 +11,14 @@ from pathlib import Path
 
 import torch
 
+from kernels import decode_attention
 from model import CheckpointError, load
+import policies
 from policies import POLICIES, Policy
 
 BUNDLED_MODEL = Path(__file__).parent / "models" / "refreshkv-tiny"
-KNOBS = ("budget", "stride", "threshold", "refresh_only", "window", "sinks", "page_size", "pool")
+GENERATION_FLAGS = {"prompt", "model", "policy", "max_new_tokens", "temperature", "top_p", "seed", "device",
+                    "dtype", "kernel"}  # a policy knob with one of these names gets --<policy>-<knob>
 
 
 def sample(logits, temperature, top_p, gen):
@@ -41,7 +43,8 @@ def generate(model, prompt, policy=None, max_new_tokens=256, temperature=0.0, to
     policy = policy or Policy()
     model.setup_cache(len(prompt) + max_new_tokens)
     gen = torch.Generator(device).manual_seed(seed)
-    logits = model(torch.tensor([prompt], device=device), start_pos=0, policy=policy)[0, -1]
+    first = policy if len(prompt) > 1 else PrefillOne(policy)
+    logits = model(torch.tensor([prompt], device=device), start_pos=0, policy=first)[0, -1]
     token_now = torch.zeros(1, 1, dtype=torch.long, device=device)  # the decode step's input...
     pos_now = torch.zeros(1, dtype=torch.long, device=device)  # ...and its position
     step = lambda: model(token_now, pos_now, policy)[0, -1]
@@ -67,6 +70,18 @@ def generate(model, prompt, policy=None, max_new_tokens=256, temperature=0.0, to
             graphs[plan] = capture(step)
 
 
+class PrefillOne:
+    """A one-token prompt reaches the attention as a decode step (the model prefills prompts of
+    more than one token): there this prefills the policy and attends to the token itself."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def attend(self, layer, q, k, v, pos, q_raw):
+        self.policy.prefill(layer, q[:, None], k, q_raw[:, None])
+        return decode_attention(q, k, v, pos, kernel=self.policy.kernel)[0]
+
+
 def capture(step):
     """Record step() in a CUDA graph (nothing runs) -> (graph, its output tensor)."""
     graph = torch.cuda.CUDAGraph()
@@ -75,32 +90,40 @@ def capture(step):
     return graph, out
 
 
-def budget_tokens(budget, prompt_len):
-    """--budget as tokens ("256") or as a fraction of the prompt ("0.125")."""
-    try:
-        value = float(budget)
-    except ValueError:
-        raise ValueError(f"--budget must be a number of tokens or a fraction, got {budget!r}") from None
-    if "." in budget or "e" in budget.lower():
-        if not 0 < value <= 1:
-            raise ValueError(f"a budget fraction must lie in (0, 1], got {budget}")
-        return max(1, int(value * prompt_len))
-    if value < 1:
-        raise ValueError(f"budget must be at least 1 token, got {budget}")
-    return int(value)
+def knob_flags():
+    """Each knob flag -> {policy: knob}, from the registered constructors: --<knob>, shared by the
+    policies that take it, or --<policy>-<knob> for a knob named like a generation flag (seed)."""
+    flags = {}
+    for name, cls in POLICIES.items():
+        for knob in policies.knobs(cls):
+            flag = f"{name}_{knob}" if knob in GENERATION_FLAGS else knob
+            flags.setdefault(flag, {})[name] = knob
+    return flags
 
 
-def make_policy(name, knobs, prompt_len):
-    """The policy `name` with the knobs given on the command line (None = not given)."""
-    cls = POLICIES[name]
-    takes = inspect.signature(cls.__init__).parameters
-    given = {k: v for k, v in knobs.items() if v is not None}
-    for k in given:
-        if k not in takes:
-            raise ValueError(f"policy {name} takes no --{k.replace('_', '-')}")
-    if "budget" in takes:
-        given["budget"] = budget_tokens(given.get("budget", "0.125"), prompt_len)  # the paper's K = L/8
-    return cls(**given)
+def add_knob_flags(p):
+    for flag, owners in knob_flags().items():
+        params = {name: policies.knobs(POLICIES[name])[knob] for name, knob in owners.items()}
+        if flag == "budget":
+            text = "K: tokens (256) or a fraction of the prompt (0.125, the default)"
+        else:
+            text = ", ".join(f"{name} (default {params[name].default})" for name in owners)
+        switch = all(q.annotation is bool for q in params.values())  # --refresh-only, or --refresh-only false
+        p.add_argument("--" + flag.replace("_", "-"), dest=flag, help=text,
+                       **(dict(nargs="?", const="true", metavar="BOOL") if switch else {}))
+
+
+def make_policy(args, prompt_len):
+    """The policy --policy names, with the knob flags given on the command line."""
+    knobs = {}
+    for flag, owners in knob_flags().items():
+        text = getattr(args, flag)
+        if text is None:
+            continue
+        if args.policy not in owners:
+            raise ValueError(f"policy {args.policy} takes no --{flag.replace('_', '-')}")
+        knobs[owners[args.policy]] = policies.convert(args.policy, owners[args.policy], text)
+    return policies.build(args.policy, knobs, prompt_len)
 
 
 def stats_line(policy, prompt_len, n_gen, prefill_s, decode_s):
@@ -111,6 +134,9 @@ def stats_line(policy, prompt_len, n_gen, prefill_s, decode_s):
         line += (f" | full steps {c['full'] / c['steps']:.1%} of layer-steps | "
                  f"{c['attended'] / c['steps']:.0f} positions attended per layer-step | "
                  f"attention reads saved {1 - c['read'] / c['dense']:.1%}")
+    for key, value in c.items():  # a policy's own counters, after the common ones
+        if key not in ("steps", "full", "attended", "read", "dense"):
+            line += f" | {key.replace('_', ' ')} {value:g}" if isinstance(value, (int, float)) else f" | {key} {value}"
     return line
 
 
@@ -130,15 +156,7 @@ def parse_args(argv):
     p.add_argument("--prompt", required=True, help="UTF-8 text file with the prompt")
     p.add_argument("--model", default=str(BUNDLED_MODEL), help="Llama-3.x checkpoint dir (Hugging Face layout)")
     p.add_argument("--policy", default="full", choices=list(POLICIES))
-    p.add_argument("--budget", help="K: tokens (256) or a fraction of the prompt (0.125, the default)")
-    p.add_argument("--stride", type=int, help="refreshkv: full step every S steps (default 10)")
-    p.add_argument("--threshold", type=float, help="refreshkv: query-similarity schedule, checked every S steps (paper: 0.85)")
-    p.add_argument("--refresh-only", action="store_true", default=None, help="refreshkv: partial attention on full steps too, refresh from full scores")
-    p.add_argument("--window", type=int, help="snapkv: observation window (default 1)")
-    p.add_argument("--sinks", type=int, help="streamingllm: attention sinks (default 4)")
-    p.add_argument("--page-size", type=int, help="quest: page size (default 16)")
-    p.add_argument("--pool", type=int, help="refreshkv, snapkv: odd max-pool kernel over positions (default 7; "
-                                             "31 spans as much text for the byte-level bundled model)")
+    add_knob_flags(p)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -153,11 +171,6 @@ def parse_args(argv):
         p.error(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         p.error(f"--top-p must lie in (0, 1], got {args.top_p}")
-    for knob in ("stride", "window", "page_size", "pool"):
-        if getattr(args, knob) is not None and getattr(args, knob) <= 0:
-            p.error(f"--{knob.replace('_', '-')} must be positive, got {getattr(args, knob)}")
-    if args.sinks is not None and args.sinks < 0:
-        p.error(f"--sinks must be >= 0, got {args.sinks}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but no CUDA GPU is available")
     if args.kernel == "triton" and (args.device == "cpu" or not torch.cuda.is_available()) \
@@ -194,7 +207,7 @@ def main(argv=None):
         if len(prompt) + args.max_new_tokens > model.args.max_seq_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max-new-tokens ({args.max_new_tokens}) exceeds "
                              f"the model's context of {model.args.max_seq_len} tokens")
-        policy = make_policy(args.policy, {k: getattr(args, k) for k in KNOBS}, len(prompt))
+        policy = make_policy(args, len(prompt))
     except (ValueError, CheckpointError) as e:
         fail(e)
     policy.kernel = args.kernel

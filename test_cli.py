@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import policies
 import refreshkv
 from model import ModelArgs, Transformer, save
 from tokenizer import Tokenizer
@@ -45,6 +46,24 @@ def test_generates_and_reports(capsys, ckpt, prompt, policy, knobs):
         assert "full steps" in stats and "attention reads saved" in stats
 
 
+def test_knob_flags_come_from_the_registry(monkeypatch, capsys, ckpt, prompt):
+    """A class added to POLICIES gets its knobs as flags, its counters on the stats line; a knob
+    named like a generation flag (seed) gets --<policy>-<knob>; **kwargs keeps the parent's knobs."""
+    class Jittered(policies.RefreshKV):
+        def __init__(self, seed: int = 0, **kw):
+            super().__init__(**kw)
+            self.seed = seed
+
+        def stats(self):
+            return dict(super().stats(), jitter_seed=self.seed)
+    monkeypatch.setitem(policies.POLICIES, "jittered", Jittered)
+    code, out, err = cli(capsys, "--prompt", prompt, "--model", ckpt, "--policy", "jittered", "--jittered-seed", 3,
+                         "--stride", 2, "--refresh-only", "--seed", 1, "--max-new-tokens", 6)
+    assert code == 0 and err.strip().endswith("| jitter seed 3")
+    code, _, err = cli(capsys, "--prompt", prompt, "--model", ckpt, "--policy", "jittered", "--stride", "x")
+    assert code == 2 and "stride wants int, got 'x'" in err
+
+
 def test_sampling_is_seeded(capsys, ckpt, prompt):
     runs = [cli(capsys, "--prompt", prompt, "--model", ckpt, "--temperature", 1.0, "--top-p", 0.9,
                 "--seed", s, "--max-new-tokens", 20)[1] for s in (1, 1, 2)]
@@ -66,7 +85,7 @@ def test_sampling_is_seeded(capsys, ckpt, prompt):
     (["--prompt", "{prompt}", "--policy", "refreshkv", "--budget", "0"], "budget must be at least 1"),
     (["--prompt", "{prompt}", "--policy", "refreshkv", "--budget", "1.5"], "fraction must lie in (0, 1]"),
     (["--prompt", "{prompt}", "--policy", "refreshkv", "--budget", "lots"], "number of tokens or a fraction"),
-    (["--prompt", "{prompt}", "--policy", "refreshkv", "--stride", "0"], "--stride must be positive"),
+    (["--prompt", "{prompt}", "--policy", "refreshkv", "--stride", "0"], "stride >= 1"),
     (["--prompt", "{prompt}", "--policy", "snapkv", "--stride", "5"], "snapkv takes no --stride"),
     (["--prompt", "{prompt}", "--policy", "full", "--budget", "8"], "full takes no --budget"),
     (["--prompt", "{prompt}", "--policy", "streamingllm", "--budget", "4", "--sinks", "4"], "sinks < budget"),
