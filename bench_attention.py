@@ -1,9 +1,11 @@
 """Per-layer decode attention timings against their byte floors (a script, not a test).
 
-GPU:  python bench_attention.py [--sweep] [--quick] [--ctx 65536 131072] [--out DIR]
+GPU:  python bench_attention.py [--sweep] [--quick] [--prefill] [--ctx 65536 131072] [--out DIR]
       Llama-3.1-8B shapes (32 q heads, 8 KV heads, head dim 128, bf16, batch 1),
       contexts 4K..128K, index budgets L/8 and L/32, sorted and unsorted indices.
       --quick: only SDPA dense, the full step with scores and sparse L/8 (unsorted).
+      --prefill: H2O's prompt column sums (kernels.column_scores) against causal SDPA over the
+      prompt, per layer, seconds (no decode rows).
 CPU:  python bench_attention.py --cpu   (tiny shapes, Triton interpreter: checks it runs)
 
 A context T is a cache buffer of T + 256 positions with the current token at pos = T - 1,
@@ -18,7 +20,8 @@ Two times per path, medians:
 Inputs rotate among several caches and index sets so that no call finds its data in L2.
 Floor = the bytes a path must move (each input read once, each output written once)
 divided by the device-to-device copy bandwidth measured in the same run.
---sweep first times launch configs at 64K and 128K and uses the best for the table.
+--sweep first times launch configs at the two longest contexts (with and without programmatic
+dependent launch of the combine kernel) and uses the best for the table.
 """
 import argparse
 import math
@@ -40,11 +43,17 @@ p = argparse.ArgumentParser()
 p.add_argument("--cpu", action="store_true", help="tiny shapes on CPU (smoke test)")
 p.add_argument("--sweep", action="store_true", help="tune launch configs first (GPU)")
 p.add_argument("--quick", action="store_true", help="SDPA, full step + scores and sparse L/8 only")
+p.add_argument("--prefill", action="store_true", help="time H2O's prompt column sums instead")
 p.add_argument("--ctx", type=int, nargs="+", help="contexts (default 4K 16K 64K 128K; CPU 256 512)")
 p.add_argument("--out", default=os.environ.get("OUT", "."), help="where to write the table and log")
 args = p.parse_args()
 if not args.cpu and not torch.cuda.is_available():
     sys.exit("bench_attention.py: no GPU; use --cpu for the small CPU version")
+try:
+    os.makedirs(args.out, exist_ok=True)
+except OSError as e:
+    sys.exit(print(f"bench_attention.py: --out {args.out}: cannot make the directory ({e.strerror})",
+                   file=sys.stderr) or 2)
 
 DEV = "cpu" if args.cpu else "cuda"
 H, HKV, D = (8, 2, 32) if args.cpu else (32, 8, 128)
@@ -183,31 +192,87 @@ def replay_check(q, k, v, pos, idx):
 
 
 def sweep():
-    """Time launch configs at 64K and 128K (L/8 unsorted; dense with scores); keep the best."""
+    """Time launch configs at the two longest contexts (L/8 unsorted; dense with scores), with
+    the combine kernel launched after the split pass or early (PDL); keep the best."""
     combos = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2)]
     sparse, dense = {}, {}
     for T in CTXS[-2:]:
         caches = cycle([make_cache(T) for _ in range(copies(2 * HKV * T * D * ESZ))])
         idxs = cycle([make_idx(T, T // 8, False) for _ in range(8)])
-        log(f"sweep T={T} (block_n, warps, stages, splits): sparse L/8 | full step + scores  [GPU us]")
+        log(f"sweep T={T} (block_n, warps, stages, splits, pdl): sparse L/8 | full step + scores  [GPU us]")
         for bn, w, st in combos:
             for sp in (16, 32, 64, 128):
-                cfg = dict(block_n=bn, num_warps=w, num_stages=st, num_splits=sp)
-                a = bench_graph(lambda: attention_triton(*caches(), idxs(), **cfg))
-                b = bench_graph(lambda: attention_triton(*caches(), None, True, **cfg))
-                log(f"  {bn:>4} {w} {st} {sp:>4}: {a:8.1f} | {b:8.1f}")
-                key = (bn, w, st, sp)
-                sparse[key] = sparse.get(key, 0) + a
-                dense[key] = dense.get(key, 0) + b
+                for pdl in (False, True):
+                    cfg = dict(block_n=bn, num_warps=w, num_stages=st, num_splits=sp, pdl=pdl)
+                    a = bench_graph(lambda: attention_triton(*caches(), idxs(), **cfg))
+                    b = bench_graph(lambda: attention_triton(*caches(), None, True, **cfg))
+                    log(f"  {bn:>4} {w} {st} {sp:>4} {pdl:d}: {a:8.1f} | {b:8.1f}")
+                    key = (bn, w, st, sp, pdl)
+                    sparse[key] = sparse.get(key, 0) + a
+                    dense[key] = dense.get(key, 0) + b
     for name, times in (("sparse", sparse), ("dense", dense)):
-        bn, w, st, sp = min(times, key=times.get)
-        kernels.CUDA_CONFIG[name] = dict(block_n=bn, num_warps=w, num_stages=st, splits=sp)
+        bn, w, st, sp, pdl = min(times, key=times.get)
+        kernels.CUDA_CONFIG[name] = dict(block_n=bn, num_warps=w, num_stages=st, splits=sp, pdl=pdl)
     log(f"chosen (least total over the two contexts): {kernels.CUDA_CONFIG}\n")
+
+
+def time_once(fn, reps=3):
+    """Median seconds of reps calls, each timed alone (long calls: no graph needed)."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def prefill_rows():
+    """H2O's prompt column sums against causal SDPA over the same prompt (one layer), seconds;
+    the Triton tiles are chosen at the shortest context first (GPU)."""
+    def inputs(T):
+        return (torch.randn(H, T, D, device=DEV).to(DT), torch.randn(HKV, T, D, device=DEV).to(DT),
+                torch.randn(HKV, T, D, device=DEV).to(DT))
+    if DEV == "cuda":
+        q, k, _ = inputs(CTXS[0])
+        best = {}
+        for bq, bk, w in ((64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8), (64, 64, 8)):
+            t = time_once(lambda: kernels.column_scores_triton(q, k, bq, bk, w))
+            best[(bq, bk, w)] = t
+            log(f"column_scores tiles (block_q, block_k, warps) {bq} {bk} {w}: {1e3 * t:.2f} ms at {CTXS[0]}")
+        bq, bk, w = min(best, key=best.get)
+        kernels.COLUMN_CONFIG.update(block_q=bq, block_k=bk, num_warps=w)
+        log(f"chosen: {kernels.COLUMN_CONFIG}")
+    table = ["| context | causal SDPA s | column_scores s | ÷ SDPA | torch reference s | max abs diff |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for T in CTXS:
+        q, k, v = inputs(T)
+        sd = time_once(lambda: F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True,
+                                                              enable_gqa=True))
+        tri = time_once(lambda: kernels.column_scores(q, k))     # CPU: the torch reference
+        ref, diff = "—", "—"
+        if T <= 16384:  # the reference holds [H, 256, T] float32 blocks: slow past that
+            ref = f"{time_once(lambda: kernels.column_scores_torch(q, k), reps=1):.3f}"
+            diff = f"{(kernels.column_scores(q, k) - kernels.column_scores_torch(q, k)).abs().max().item():.2g}"
+        table.append(f"| {T} | {sd:.3f} | {tri:.3f} | {tri / sd:.2f} | {ref} | {diff} |")
+        log(table[-1])
+        del q, k, v
+    table = "\n".join(table)
+    log(f"\n{table}")
+    with open(os.path.join(args.out, "bench_prefill.md"), "w") as f:
+        f.write(f"{DEV}; column_scores config {kernels.COLUMN_CONFIG}\n\n{table}\n")
 
 
 bw = copy_bandwidth()
 log(f"device: {torch.cuda.get_device_name(0) if DEV == 'cuda' else 'cpu'}; torch {torch.__version__}; "
     f"triton {kernels.triton.__version__ if kernels.triton else None}; copy bandwidth {bw / 1e12:.3f} TB/s")
+if args.prefill:
+    prefill_rows()
+    sys.exit(0)
 if args.sweep and DEV == "cuda":
     sweep()
 floor = lambda nbytes: 1e6 * nbytes / bw                           # microseconds

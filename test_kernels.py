@@ -422,3 +422,12 @@ def test_column_scores_validation():
             kernels.column_scores(*bad)
     with pytest.raises(ValueError):
         kernels.column_scores(q, k, kernel="nope")
+
+
+def test_bench_attention_bad_out_dir(tmp_path):
+    """A directory that cannot be made: one line on stderr, exit 2; a missing one is made."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = subprocess.run([sys.executable, "bench_attention.py", "--cpu", "--out", str(blocker / "x")],
+                       capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--out" in r.stderr
