@@ -3,7 +3,9 @@
 Every task has the same shape: a long shuffled list of `key: value` lines (the
 context), a question, and an answer written one line per item. The prompt ends
 right where the model starts writing: after "Answer:\n" and the first line's key
-and ": ", so the very first generated token already needs a lookup in the input.
+and ":", so the very first generated token (" value") already needs a lookup in the
+input. (Ending at ":" rather than ": " keeps the space with the word that follows it,
+as a BPE tokenizer splits it in training text.)
 
     chain_of_key  every value is another key (the pairs form disjoint cycles, so
                   every key has exactly one successor); the answer follows the
@@ -114,8 +116,8 @@ def ask_chain_of_key(rng, world, hops):
     chain = [rng.choice(cyc)]
     for _ in range(hops):
         chain.append(world["succ"][chain[-1]])
-    q = f"Question: follow the chain from {chain[0]} for {hops} hops.\nAnswer:\n{chain[0]}: "
-    a = chain[1] + "\n" + "".join(f"{x}: {y}\n" for x, y in zip(chain[1:], chain[2:]))
+    q = f"Question: follow the chain from {chain[0]} for {hops} hops.\nAnswer:\n{chain[0]}:"
+    a = " " + chain[1] + "\n" + "".join(f"{x}: {y}\n" for x, y in zip(chain[1:], chain[2:]))
     return q, a, hops
 
 
@@ -134,8 +136,8 @@ def world_multi_key(rng, length=2000, n_pairs=None, reserve=80):
 def ask_multi_key(rng, world, n_keys):
     asked = rng.sample(world["keys"], max(1, min(n_keys, len(world["keys"]))))
     v = world["value"]
-    q = f"Question: give the values of {', '.join(asked)}.\nAnswer:\n{asked[0]}: "
-    a = v[asked[0]] + "\n" + "".join(f"{k}: {v[k]}\n" for k in asked[1:])
+    q = f"Question: give the values of {', '.join(asked)}.\nAnswer:\n{asked[0]}:"
+    a = " " + v[asked[0]] + "\n" + "".join(f"{k}: {v[k]}\n" for k in asked[1:])
     return q, a, len(asked)
 
 
@@ -156,8 +158,8 @@ def ask_id_range(rng, world, n_records):
     s = world["start"] + rng.randint(0, len(world["record"]) - n)
     ids = list(range(s, s + n))
     r = world["record"]
-    q = f"Question: list records {ids[0]} to {ids[-1]}.\nAnswer:\n{ids[0]}: "
-    a = r[ids[0]] + "\n" + "".join(f"{i}: {r[i]}\n" for i in ids[1:])
+    q = f"Question: list records {ids[0]} to {ids[-1]}.\nAnswer:\n{ids[0]}:"
+    a = " " + r[ids[0]] + "\n" + "".join(f"{i}: {r[i]}\n" for i in ids[1:])
     return q, a, n
 
 
@@ -241,9 +243,9 @@ def hop_accuracy(scores, max_hops=8):
 # ---------------------------------------------------------------- examples/
 
 EXAMPLE_SPECS = [  # (file, task, seed, length, n)
-    ("chain_of_key.txt", "chain_of_key", 1, 1500, 8),
-    ("multi_key.txt", "multi_key", 1, 1500, 6),
-    ("id_range.txt", "id_range", 1, 1500, 6),
+    ("chain_of_key.txt", "chain_of_key", 1, 4400, 8),
+    ("multi_key.txt", "multi_key", 1, 4400, 6),
+    ("id_range.txt", "id_range", 1, 4400, 8),
 ]
 
 

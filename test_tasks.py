@@ -45,7 +45,7 @@ def test_lengths_in_range(task, length, n):
 def test_prompt_ends_at_first_answer_line(task):
     ex = tasks.make_example(task, 1, 1200, 3)
     assert ex.prompt.splitlines()[-2] == "Answer:"
-    assert ex.prompt.endswith(": ")
+    assert ex.prompt.endswith(":") and ex.answer.startswith(" ")
     first = ex.prompt.splitlines()[-1] + ex.answer.splitlines()[0]
     # the first answer line, completed, is a line of the context
     assert "\n" + first + "\n" in ex.prompt

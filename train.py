@@ -1,12 +1,16 @@
-"""Train the bundled byte-level model on the long-input, long-output tasks of tasks.py.
+"""Train the bundled model on the long-input, long-output tasks of tasks.py.
 
-    # the bundled model, on one H100 (~6.5 min of training, ~8 min in all)
-    python train.py --minutes 6.5 --out models/refreshkv-tiny
+    # the bundled model on one H100: the BPE vocabulary, then ~6 min of plain training...
+    python train.py --minutes 6 --out models/refreshkv-tiny
+    # ...then RefreshKV-aware training from it (answer tokens attend as the decode policy lets them)
+    python train.py --init models/refreshkv-tiny --aware --minutes 4 --out models/refreshkv-tiny-aware
     # CPU smoke test (tiny model, short sequences)
     python train.py --device cpu --tiny --minutes 0.5 --out /tmp/x
 
 A small Llama (model.py's own modules) learns chain-of-key, multi-key retrieval and
 id-range lookups, plus a little Python-stdlib source so it can continue plain text.
+The vocabulary is a byte-pair encoding trained here (train_bpe) on the same kind of text,
+with Llama-3's split pattern, saved as the model's tokenizer.model rank file.
 Each training row is one context followed by as many question/answer rounds as fit,
 each answer closed by <|end_of_text|>; the loss covers the answers and their
 end-of-text (and, at a small weight, the context, whose repeated keys teach copying).
@@ -15,8 +19,16 @@ batches so the GPU never waits. Training stops by wall time, saves bf16 weights 
 model.save, reloads them and prints a full-attention accuracy table on held-out
 seeds. Everything goes to --out: config.json, model.safetensors, tokenizer.model,
 train_log.txt. The prompt files in examples/ come from `python tasks.py examples`.
+
+RefreshKV-aware training (--aware; the paper's section 6, with refreshes): half the batches are
+single-question rows whose answer tokens attend as RefreshKV's decode steps would, the prompt
+under full causal attention (RefreshAttention); the other half are plain rows, so that full
+attention does not get worse. Stride and budget are drawn per batch, so one model serves many
+settings; gradients flow through the attention but not through the discrete selection.
 """
 import argparse
+import heapq
+import json
 import math
 import multiprocessing as mp
 import os
@@ -24,32 +36,88 @@ import random
 import sysconfig
 import time
 from collections import deque
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch._dynamo
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import regex
 
 import model as llama
 import tasks
-from tokenizer import Tokenizer
+from policies import pool
+from tokenizer import PAT_STR, Tokenizer
 
-BOS, EOS = 256, 257
 # per-token loss classes: 0 none, 1 answer (+ its end-of-text), 2 context, 3 plain text
 NONE, ANSWER, CONTEXT, TEXT = 0, 1, 2, 3
 MIX = {"chain_of_key": 0.55, "multi_key": 0.17, "id_range": 0.20, "text": 0.08}
 N_MAX = {"chain_of_key": 12, "multi_key": 8, "id_range": 10}  # most items per question
+BYTES_PER_TOKEN = 2.3  # of task text under the trained vocabulary (measured ~2.2; rows are cut to length)
+TOK = None  # the tokenizer, set before the data workers fork
 
 
-def model_args(tiny):
+def model_args(tiny, vocab_size, context):
     if tiny:
-        return llama.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=258,
-                               hidden_dim=128, rope_theta=10000.0, max_seq_len=8192,
-                               bos_id=BOS, eos_ids=(EOS,))
-    # ~12.8M parameters: 25.6 MB in bf16
-    return llama.ModelArgs(dim=384, n_layers=8, n_heads=6, n_kv_heads=2, vocab_size=258,
-                           hidden_dim=1024, rope_theta=10000.0, max_seq_len=8192,
-                           bos_id=BOS, eos_ids=(EOS,))
+        return llama.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size,
+                               hidden_dim=128, rope_theta=10000.0, max_seq_len=context,
+                               bos_id=vocab_size - 2, eos_ids=(vocab_size - 1,))
+    # ~14.2M parameters: 28.4 MB in bf16
+    return llama.ModelArgs(dim=384, n_layers=8, n_heads=6, n_kv_heads=2, vocab_size=vocab_size,
+                           hidden_dim=1024, rope_theta=10000.0, max_seq_len=context,
+                           bos_id=vocab_size - 2, eos_ids=(vocab_size - 1,))
+
+
+# ---------------------------------------------------------------- BPE vocabulary
+
+def train_bpe(text, n_ranks):
+    """Byte-pair encoding with Llama-3's split pattern: cut the text into pieces as Llama-3 does,
+    start from the 256 single bytes, and merge the most frequent adjacent pair (counted within
+    pieces) into a new token until there are n_ranks tokens. -> ranks {token bytes: rank},
+    the order of creation, as tiktoken and Llama-3's tokenizer.model expect."""
+    counts = {}
+    for piece in regex.findall(PAT_STR, text):
+        counts[piece] = counts.get(piece, 0) + 1
+    words = [list(p.encode()) for p in counts]  # each distinct piece as token ids
+    freq = list(counts.values())
+    pairs, where, heap = {}, {}, []  # pair -> count; pair -> pieces holding it; (-count, pair), stale ones too
+
+    def count(i, sign):
+        w = words[i]
+        for pair in zip(w, w[1:]):
+            pairs[pair] = pairs.get(pair, 0) + sign * freq[i]
+            heapq.heappush(heap, (-pairs[pair], pair))
+            if sign > 0:
+                where.setdefault(pair, set()).add(i)
+
+    for i in range(len(words)):
+        count(i, 1)
+    vocab = [bytes([i]) for i in range(256)]
+    ranks = {b: i for i, b in enumerate(vocab)}
+    while len(vocab) < n_ranks and heap:
+        c, (a, b) = heapq.heappop(heap)
+        if -c != pairs.get((a, b)):
+            continue  # a stale entry
+        if -c < 2:
+            break
+        token = vocab[a] + vocab[b]
+        if token not in ranks:  # the same bytes may come from another pair: they keep one rank
+            ranks[token] = len(vocab)
+            vocab.append(token)
+        new = ranks[token]
+        for i in where.pop((a, b)):
+            w = words[i]
+            count(i, -1)
+            out, j = [], 0
+            while j < len(w):
+                merge = j + 1 < len(w) and w[j] == a and w[j + 1] == b
+                out.append(new if merge else w[j])
+                j += 2 if merge else 1
+            words[i] = out
+            count(i, 1)
+    return ranks
 
 
 # ---------------------------------------------------------------- data (worker processes)
@@ -57,57 +125,97 @@ def model_args(tiny):
 _TEXT_FILES = None
 
 
-def text_row(rng, n):
-    """n tokens of Python standard-library source, files joined by end-of-text."""
+def stdlib_files():
     global _TEXT_FILES
     if _TEXT_FILES is None:
         _TEXT_FILES = []
         for d, dirs, fs in os.walk(sysconfig.get_paths()["stdlib"]):
             dirs[:] = sorted(x for x in dirs if x not in ("site-packages", "dist-packages", "__pycache__"))
             _TEXT_FILES += [os.path.join(d, f) for f in sorted(fs) if f.endswith(".py")]
-    out, tries = [], 0
-    while len(out) < n and _TEXT_FILES and tries < 1000:
+    return _TEXT_FILES
+
+
+def stdlib_text(rng, n_bytes):
+    """About n_bytes of Python standard-library source ("" where none is found)."""
+    out, tries, files = [], 0, stdlib_files()
+    while sum(map(len, out)) < n_bytes and files and tries < 1000:
         tries += 1
         try:
-            with open(rng.choice(_TEXT_FILES), "rb") as f:
-                data = f.read()
+            with open(rng.choice(files), "rb") as f:
+                data = f.read().decode("utf-8", "replace")
         except OSError:
             continue
-        if len(data) < 200:
-            continue
-        start = rng.randrange(len(data) // 2) if not out else 0
-        out += list(data[start:]) + [EOS]
-    return out[:n] if len(out) >= n else None  # None: no stdlib source found here
+        if len(data) >= 200:
+            out.append(data[rng.randrange(len(data) // 2) if not out else 0:])
+    return out
 
 
-def task_row(rng, task, n):
-    """n tokens: BOS, a context, then question/answer rounds until the row is full."""
-    frac = rng.uniform(0.55, 0.92)  # context share of the row; the rest is rounds
-    ctx, rounds = tasks.training_rounds(rng, task, int(frac * n), int((1 - frac) * n) - 2, N_MAX[task])
-    toks, cls = [BOS] + list(ctx.encode()), [NONE] + [CONTEXT] * len(ctx)
-    for q, a in rounds:
-        qb, ab = q.encode(), a.encode()
-        toks += list(qb) + list(ab) + [EOS]
-        cls += [NONE] * len(qb) + [ANSWER] * (len(ab) + 1)
+def text_row(rng, n):
+    """n tokens of Python standard-library source, files joined by end-of-text (None: none found)."""
+    out = []
+    for doc in stdlib_text(rng, int(n * 4)):  # source code is ~3-4 bytes a token
+        out += TOK.encode(doc) + [EOS()]
+    return out[:n] if len(out) >= n else None
+
+
+def EOS():
+    """<|end_of_text|>: the id after <|begin_of_text|> in our vocabulary."""
+    return TOK.bos_id + 1
+
+
+def task_row(rng, task, n, rounds=None):
+    """n tokens: BOS, a context, then question/answer rounds until the row is full
+    (rounds=1: exactly one, with the context filling the rest of the row)."""
+    if rounds == 1:
+        k = rng.randint(1, N_MAX[task])
+        world = tasks.WORLDS[task](rng, length=int((n - 40 - 12 * k) * BYTES_PER_TOKEN * 0.9),
+                                   **(dict(min_cycle=k + 1) if task == "chain_of_key" else {}))
+        ctx, qa = world["context"], [tasks.ASKS[task](rng, world, k)[:2]]
+    else:
+        frac = rng.uniform(0.55, 0.92)  # context share of the row; the rest is rounds
+        ctx, qa = tasks.training_rounds(rng, task, int(frac * n * BYTES_PER_TOKEN),
+                                        int((1 - frac) * n * BYTES_PER_TOKEN) - 2, N_MAX[task])
+    c = TOK.encode(ctx)
+    toks, cls = [TOK.bos_id] + c, [NONE] + [CONTEXT] * len(c)
+    for q, a in qa:
+        qt, at = TOK.encode(q), TOK.encode(a) + [EOS()]
+        toks += qt + at
+        cls += [NONE] * len(qt) + [ANSWER] * len(at)
     pad = max(0, n - len(toks))
-    return (toks + [EOS] * pad)[:n], (cls + [NONE] * pad)[:n]
+    return (toks + [EOS()] * pad)[:n], (cls + [NONE] * pad)[:n]
 
 
 def make_batch(spec):
-    """One batch: tokens [rows, T+1] uint16 and loss classes [rows, T+1] uint8."""
-    seed, T, rows = spec
+    """One batch: tokens [rows, T+1] int32, loss classes [rows, T+1] uint8, and `aware`: True for
+    single-question rows of the three tasks (for RefreshAttention), False for the training mix."""
+    seed, T, rows, aware = spec
     rng = random.Random(seed)
     names, weights = list(MIX), list(MIX.values())
-    toks = np.zeros((rows, T + 1), np.uint16)
+    toks = np.zeros((rows, T + 1), np.int32)
     cls = np.zeros((rows, T + 1), np.uint8)
     for r in range(rows):
-        task = rng.choices(names, weights)[0]
+        task = rng.choices(names[:3] if aware else names, weights[:3] if aware else weights)[0]
         row = text_row(rng, T + 1) if task == "text" else None
         if row is not None:
             toks[r], cls[r] = row, TEXT
         else:
-            toks[r], cls[r] = task_row(rng, "chain_of_key" if task == "text" else task, T + 1)
-    return toks, cls
+            toks[r], cls[r] = task_row(rng, "chain_of_key" if task == "text" else task, T + 1, 1 if aware else None)
+    return toks, cls, aware
+
+
+def bpe_corpus(seed, n_bytes):
+    """Training-distribution text for the BPE vocabulary: task rows and some stdlib source."""
+    rng, parts, size = random.Random(seed), [], 0
+    while size < n_bytes:
+        task = rng.choices(list(MIX), list(MIX.values()))[0]
+        if task == "text":
+            part = "".join(stdlib_text(rng, 4000))
+        else:
+            ctx, rounds = tasks.training_rounds(rng, task, rng.randint(1000, 9000), 1500, N_MAX[task])
+            part = ctx + "".join(q + a for q, a in rounds)
+        parts.append(part)
+        size += len(part)
+    return "".join(parts)
 
 
 def curriculum(p, buckets):
@@ -124,12 +232,12 @@ class Loader:
     def __init__(self, workers, seed, buckets, tokens_per_step, depth):
         self.pool = mp.get_context("fork").Pool(workers) if workers > 0 else None
         self.rng, self.seed, self.buckets, self.tps = random.Random(seed), seed, buckets, tokens_per_step
-        self.queue, self.n, self.depth, self.p_min = deque(), 0, depth, 0.0
+        self.queue, self.n, self.depth, self.p_min, self.aware = deque(), 0, depth, 0.0, False
 
     def submit(self, p):
         lens, w = curriculum(max(p, self.p_min), self.buckets)
         T = self.rng.choices(lens, w)[0]
-        spec = (self.seed * 10**7 + self.n, T, max(1, self.tps // T))
+        spec = (self.seed * 10**7 + self.n, T, max(1, self.tps // T), self.aware and self.n % 2 == 0)
         self.n += 1
         self.queue.append(self.pool.apply_async(make_batch, (spec,)) if self.pool else make_batch(spec))
 
@@ -143,6 +251,70 @@ class Loader:
     def close(self):
         if self.pool:
             self.pool.terminate()
+
+
+# ---------------------------------------------------------------- RefreshKV-aware attention
+
+class RefreshAttention:
+    """Attention for RefreshKV-aware training (model.forward's `policy` in training). Each row holds a
+    prompt and one answer: start [B] is the answer's first position, length [B] its tokens. The prompt
+    attends causally, as in prefill. Row start + i is decode step t = i + 2 (the first answer token
+    comes from the prefill): a full step when t % stride == 0, attending causally; otherwise a
+    partial step, attending to what RefreshKV's small cache holds then: the top positions of the last
+    full step's scores (the prefill's last query, or the last full answer row; softmax over the
+    positions up to it, max over the query group, max-pooled), one fewer for each answer token that
+    joined since, plus those tokens and itself. budget [B]: K per row. Ties at the K-th score keep
+    all tied positions; the selection carries no gradient."""
+
+    def __init__(self, start, length, budget, stride, pool_kernel=7):
+        self.start, self.budget, self.pool = start, budget, pool_kernel
+        i = torch.arange(int(length.max()), device=start.device)  # answer rows, relative to start
+        full = (i + 2) % stride == 0
+        self.src = torch.cat([i.new_tensor([-1]), i[full]])  # rows of the full steps (-1: the prefill's last)
+        self.last = torch.searchsorted(self.src, i) - 1  # for row i: its last full step, an index into src
+        self.joined = i - 1 - self.src[self.last]  # answer tokens that joined the small cache since
+        self.partial = ~full & (i < length[:, None])  # [B, A]
+        self.i = i
+
+    def __call__(self, layer, q, k, v):
+        (B, H, T, D), Hkv = q.shape, k.shape[1]
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        A, pos = len(self.i), torch.arange(T, device=q.device)
+        rows = self.start[:, None] + self.i  # [B, A]
+        with torch.no_grad():
+            src = (self.start[:, None] + self.src).clamp(0, T - 1)  # [B, nF]
+            qf = q.gather(2, src[:, None, :, None].expand(B, H, -1, D)).view(B, Hkv, H // Hkv, -1, D)
+            future = pos > src[:, None, None, :, None]  # [B, 1, 1, nF, T]
+            s = (qf @ k[:, :, None].transpose(-1, -2)).float() / math.sqrt(D)  # [B, Hkv, G, nF, T]
+            probs = s.masked_fill(future, float("-inf")).softmax(-1).amax(2)  # [B, Hkv, nF, T]
+            probs = pool(probs.flatten(0, 2), self.pool).view_as(probs).masked_fill(future[:, 0], float("-inf"))
+            # the K-th best score of each full step, K shrinking by one per joined token
+            keep = self.budget[:, None] - self.joined  # [B, A]
+            ranked = probs.sort(-1, descending=True).values.flatten(2)  # [B, Hkv, nF * T]
+            at = (self.last * T + (keep - 1).clamp(0, T - 1))[:, None].expand(B, Hkv, A)
+            kth = ranked.gather(2, at)[..., None]  # [B, Hkv, A, 1]
+            f = src.gather(1, self.last[None].expand(B, A))[:, None, :, None]  # [B, 1, A, 1]
+            chosen = (probs[:, :, self.last] >= kth) & (pos <= f) & (keep > 0)[:, None, :, None]
+            mask = chosen | ((pos > f) & (pos <= rows[:, None, :, None]))  # [B, Hkv, A, T]
+        qa = q.gather(2, rows.clamp(max=T - 1)[:, None, :, None].expand(B, H, A, D))
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):  # flash takes no mask
+            out = F.scaled_dot_product_attention(qa, k, v, attn_mask=mask.repeat_interleave(H // Hkv, 1), enable_gqa=True)
+        # partial rows take `out`; the others keep y (their writes go to spare rows past T)
+        dest = torch.where(self.partial, rows, T + self.i)[:, None, :, None].expand(B, H, A, D)
+        return torch.cat([y, y.new_zeros(B, H, A, D)], 2).scatter(2, dest, out)[:, :, :T]
+
+
+def refresh_attention(rng, cls):
+    """A RefreshAttention for a batch of single-question rows (loss classes [B, T]), with a stride
+    and a budget fraction drawn for the batch: one model for many settings."""
+    ans = cls == ANSWER
+    has = ans.any(1)
+    start = torch.where(has, ans.int().argmax(1), cls.shape[1] - 1)
+    length = ans.sum(1)
+    frac = 2 ** rng.uniform(-4, -2)  # K from L/16 to L/4
+    stride = rng.randint(3, 16)
+    budget = (start * frac).long().clamp(min=1)
+    return RefreshAttention(start, length, budget, stride), (stride, frac)
 
 
 # ---------------------------------------------------------------- model and optimizer
@@ -176,7 +348,6 @@ def sdpa_context(model, device, log):
     import contextlib
     if device != "cuda":
         return contextlib.nullcontext
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     try:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), torch.autocast("cuda", torch.bfloat16):
             model(torch.zeros(1, 64, dtype=torch.long, device=device)).sum().backward()
@@ -189,11 +360,12 @@ def sdpa_context(model, device, log):
         return contextlib.nullcontext
 
 
-def train_step(model, inp, tgt, w, amp, attn_ctx):
+def train_step(model, inp, tgt, w, amp, attn_ctx, attention=None):
     """Forward and backward of the weighted loss; returns the loss, the per-token
-    cross-entropy [B, T] and the logits (for the log)."""
+    cross-entropy [B, T] and the logits (for the log). attention: a RefreshAttention, or None
+    for plain causal attention."""
     with amp, attn_ctx():
-        logits = model(inp)
+        logits = model(inp, policy=attention)
         ce = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), tgt.reshape(-1), reduction="none")
         ce = ce.view_as(tgt)
         loss = (ce * w).sum() / w.sum().clamp(min=1)
@@ -209,7 +381,7 @@ def greedy(model, prompts, max_new, device):
     right-padded, so each row's next token is read at its own last position."""
     B = len(prompts)
     lens = torch.tensor([len(p) for p in prompts], device=device)
-    buf = torch.full((B, int(lens.max()) + max_new), EOS, dtype=torch.long, device=device)
+    buf = torch.full((B, int(lens.max()) + max_new), EOS(), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         buf[i, :len(p)] = torch.tensor(p, device=device)
     cur, done = lens.clone(), torch.zeros(B, dtype=torch.bool, device=device)
@@ -221,26 +393,27 @@ def greedy(model, prompts, max_new, device):
         nxt = logits[torch.arange(len(act), device=device), cur[act] - 1].argmax(-1)
         buf[act, cur[act]] = nxt
         cur[act] += 1
-        done[act] = (nxt == EOS) | (cur[act] - lens[act] >= max_new)
+        done[act] = (nxt == EOS()) | (cur[act] - lens[act] >= max_new)
     outs = []
     for i in range(B):
         ids = buf[i, int(lens[i]):int(cur[i])].tolist()
-        outs.append(bytes(t for t in ids if t < 256).decode("utf-8", "replace"))
+        outs.append(TOK.decode([t for t in ids if t < TOK.bos_id]))
     return outs
 
 
 def check(model, tok, device, tiny, n, log, batch=32):
     """Full-attention accuracy on held-out seeds, per task: chain-of-key exact match at
-    each hop 1..8 (at several prompt lengths), exact match for the other tasks."""
+    each hop 1..8 (at several prompt lengths, in tokens), exact match for the other tasks."""
     hops = 4 if tiny else 8
-    rows = ([("chain_of_key", L, hops) for L in ((150, 220) if tiny else (1000, 2000, 4000))]
-            + [("multi_key", 220 if tiny else 2000, 3 if tiny else 6),
-               ("id_range", 220 if tiny else 2000, 3 if tiny else 6)])
+    rows = ([("chain_of_key", L, hops) for L in ((100, 200) if tiny else (1000, 2000, 4000))]
+            + [("multi_key", 200 if tiny else 2000, 3 if tiny else 6),
+               ("id_range", 200 if tiny else 2000, 3 if tiny else 8)])
     log("full-attention check, held-out seeds (10^6+), greedy decoding")
-    log(f"{'task':14s} {'bytes':>5s} {'n':>2s} {'N':>4s}  exact  items  | chain exact match at hop 1..{hops}")
+    log(f"{'task':14s} {'tokens':>6s} {'n':>2s} {'N':>4s}  exact  items  | chain exact match at hop 1..{hops}")
     results = {}
     for task, L, k in rows:
-        exs = [tasks.make_example(task, 10**6 + i, L, k) for i in range(n)]
+        exs = [tasks.make_example(task, 10**6 + i, int(L * 2.2), k) for i in range(n)]  # ~2.2 bytes a token
+        L = round(sum(len(tok.encode(e.prompt)) for e in exs) / n)
         outs = []
         for i in range(0, n, batch):
             chunk = exs[i:i + batch]
@@ -249,7 +422,7 @@ def check(model, tok, device, tiny, n, log, batch=32):
         sc = [tasks.score(e, o) for e, o in zip(exs, outs)]
         ex_acc = sum(s == e.n for s, e in zip(sc, exs)) / n
         items = sum(sum(tasks.item_scores(e, o)) for e, o in zip(exs, outs)) / sum(e.n for e in exs)
-        line = f"{task:14s} {L:5d} {k:2d} {n:4d}  {ex_acc:5.1%} {items:6.1%}"
+        line = f"{task:14s} {L:6d} {k:2d} {n:4d}  {ex_acc:5.1%} {items:6.1%}"
         if task == "chain_of_key":
             line += "  | " + " ".join(f"{a:4.0%}" for a in tasks.hop_accuracy(sc, hops))
         log(line)
@@ -278,6 +451,9 @@ def main():
                     help="1: torch.compile each block (dynamic shapes, compiled once); default 1 on CUDA")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--init", help="checkpoint dir to continue training from (all row lengths from the start)")
+    ap.add_argument("--aware", action="store_true", help="RefreshKV-aware training (half the batches); use with --init")
+    ap.add_argument("--vocab", type=int, default=None, help="BPE ranks to train (default 2046; tiny: 320)")
+    ap.add_argument("--tokenizer", help="a tokenizer.model rank file to use instead of training one")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "train_log.txt"), "w")
@@ -292,10 +468,20 @@ def main():
     buckets = [128, 256] if args.tiny else [512, 1024, 2048, 3072, 4608]
     tps = args.tokens_per_step or (4096 if args.tiny else 131072)
     workers = args.workers if args.workers is not None else max(1, min(6, (os.cpu_count() or 2) - 2))
-    # workers fork before CUDA is touched
+    global TOK  # the data workers fork with it, before CUDA is touched
+    if args.init:
+        TOK = llama.load_tokenizer(Path(args.init), json.loads((Path(args.init) / "config.json").read_text())["vocab_size"])
+    elif args.tokenizer:
+        TOK = Tokenizer.from_file(args.tokenizer, sum(1 for _ in open(args.tokenizer)) + 2)
+    else:
+        n_ranks = args.vocab or (320 if args.tiny else 2046)
+        TOK = Tokenizer(train_bpe(bpe_corpus(args.seed, 300_000 if args.tiny else 1_500_000), n_ranks), 2, "refreshkv-tiny")
+        log(f"BPE vocabulary: {n_ranks} ranks in {time.time() - t_start:.1f} s")
     loader = Loader(workers, args.seed, buckets, tps, depth=2 * workers + 2)
     loader.p_min = 0.55 if args.init else 0.0
+    loader.aware = args.aware
     torch.manual_seed(args.seed)
+    draw = random.Random(args.seed)  # the stride and budget of each RefreshKV-aware batch
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -305,7 +491,7 @@ def main():
         model.train()
         margs = model.args
     else:
-        margs = model_args(args.tiny)
+        margs = model_args(args.tiny, TOK.n_words, buckets[-1])
         model = llama.Transformer(margs)
         init_weights(model)
         model.to(device)
@@ -315,7 +501,7 @@ def main():
     log(f"{n_params / 1e6:.2f}M parameters, {workers} data workers, rows {buckets}, {tps} tokens/step")
     opt = make_optimizer(model, args.lr, args.wd, device)
     attn_ctx = sdpa_context(model, device, log)
-    compiled = args.compile if args.compile is not None else int(device == "cuda")
+    compiled = args.compile if args.compile is not None else int(device == "cuda" and not args.aware)
     if compiled:  # regional compilation: the 8 blocks share one compiled graph
         for layer in model.layers:
             layer.compile(dynamic=True)
@@ -334,7 +520,7 @@ def main():
             break
         p = 0.0 if t_first is None else (now - t_first) / (t_end - t_first)
         tw = time.time()
-        toks, cls = loader.next(p)
+        toks, cls, aware = loader.next(p)
         wait += time.time() - tw
         x = torch.from_numpy(toks.astype(np.int64))
         c = torch.from_numpy(cls)
@@ -344,8 +530,9 @@ def main():
         lr = lr_at(step, p, args)
         for g in opt.param_groups:
             g["lr"] = lr
+        attention, setting = refresh_attention(draw, c[:, :-1]) if aware else (None, None)
         try:
-            loss, ce, logits = train_step(model, inp, tgt, w, amp, attn_ctx)
+            loss, ce, logits = train_step(model, inp, tgt, w, amp, attn_ctx, attention)
         except Exception as e:
             if not compiled:
                 raise
@@ -375,19 +562,19 @@ def main():
             rate, t_log, tok_log = (tokens - tok_log) / (now - t_log), now, tokens
             log(f"step {step:5d} | {el:6.1f} s | T {x.shape[1] - 1:4d} x {x.shape[0]:3d} | lr {lr:.2e} | "
                 f"loss {loss.item():.4f} | answer loss {a_loss:.4f} acc {a_acc:.4f} | gnorm {gnorm:.2f} | "
-                f"{rate / 1e6:.2f} Mtok/s | data wait {wait:.1f} s")
+                f"{rate / 1e6:.2f} Mtok/s | data wait {wait:.1f} s"
+                + (f" | refresh S={setting[0]} K={setting[1]:.3f}L" if setting else ""))
     loader.close()
     el = time.time() - t0
     log(f"trained {step} steps, {tokens / 1e6:.1f}M tokens in {el:.1f} s ({tokens / el / 1e6:.2f} Mtok/s, "
         f"data wait {wait:.1f} s)")
 
     # save bf16 weights (the checkpoint stays under 30 MB), then reload what was saved and check it
-    tok = Tokenizer.byte_level()
     model.to(torch.bfloat16)
-    llama.save(model, args.out, tok)
+    llama.save(model, args.out, TOK, shard_bytes=15_000_000)  # shards of < 16 MB
     del model, opt
-    size = os.path.getsize(os.path.join(args.out, "model.safetensors")) / 1e6
-    log(f"saved {args.out} (model.safetensors {size:.1f} MB)")
+    size = sum(f.stat().st_size for f in Path(args.out).glob("*.safetensors")) / 1e6
+    log(f"saved {args.out} (safetensors {size:.1f} MB)")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     m, tok = llama.load(args.out, device=device, dtype=dtype)
     tc = time.time()
