@@ -75,12 +75,12 @@ if triton is not None:
         return m_max, l_sum
 
     @triton.jit(do_not_specialize=["n_idx", "width", "S"])
-    def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, idx_ptr, m_ptr, l_ptr, acc_ptr, s_ptr,
+    def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, idx_ptr, m_ptr, l_ptr, acc_ptr, s_ptr, count_ptr,
                       sk0, sk1, sv0, sv1, si0, n_idx, width, S, qk_scale,
                       G: tl.constexpr, D: tl.constexpr,
                       BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HAS_IDX: tl.constexpr,
                       SCORES: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                      PDL: tl.constexpr):
+                      PDL: tl.constexpr, COUNT: tl.constexpr):
         if PDL:  # every program is running: the combine kernel may be scheduled (it waits)
             gdc_launch_dependents()
         kvh = tl.program_id(0)
@@ -102,6 +102,7 @@ if triton is not None:
         m_i = tl.full([BLOCK_G], -1e30, tl.float32)  # finite: an empty split gives no NaN
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, D], tl.float32)
+        n_valid = 0                                   # entries this program attended
         for j0 in range(start, tl.minimum(start + chunk, n_att), BLOCK_N):
             j = j0 + tl.arange(0, BLOCK_N)            # [BLOCK_N] attended entry
             inside = j < n_att
@@ -115,6 +116,7 @@ if triton is not None:
             # An entry that is not attended (empty slot, past the end) loads the current token's
             # row instead: always in the cache, so the gathers need no mask; its logit is -inf.
             at = tl.where(valid, at, cur).to(tl.int64)
+            n_valid += tl.sum(valid.to(tl.int32), 0)
             kk = tl.load(k_ptr + kvh * sk0 + at[:, None] * sk1 + d[None, :])  # [BLOCK_N, D]
             vv = tl.load(v_ptr + kvh * sv0 + at[:, None] * sv1 + d[None, :])
             if UPCAST:
@@ -134,6 +136,10 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PREC)
             m_i = m_new
         # partials, laid out [H, S] and [H, S, D]
+        if COUNT:  # the caller's counters: entries attended, and positions 0..pos (a full step's)
+            tl.atomic_add(count_ptr, n_valid.to(tl.int64))
+            if split == 0:
+                tl.atomic_add(count_ptr + 1, (cur + 1).to(tl.int64))
         tl.store(m_ptr + h * S + split, m_i, mask=hmask)
         tl.store(l_ptr + h * S + split, l_i, mask=hmask)
         tl.store(acc_ptr + (h[:, None] * S + split) * D + d[None, :], acc, mask=hmask[:, None])
@@ -178,7 +184,7 @@ CPU_CONFIG = dict(block_n=128, num_warps=4, num_stages=1, splits=2, pdl=False)
 
 
 def attention_triton(q, k, v, pos, idx=None, scores=False, block_n=None, num_splits=None,
-                     num_warps=None, num_stages=None, exact_splits=False, pdl=None):
+                     num_warps=None, num_stages=None, exact_splits=False, pdl=None, count=None):
     """Split-KV Triton decode. pos is read by the kernels only, and the grid and every launch
     argument depend on shapes alone, so one CUDA graph serves every position. Tuning
     arguments are for tests and the benchmark only; exact_splits=True keeps num_splits even
@@ -214,12 +220,12 @@ def attention_triton(q, k, v, pos, idx=None, scores=False, block_n=None, num_spl
     pdl = bool(pdl and q.is_cuda and gdc_wait is not None)
     launch = dict(launch_pdl=True) if pdl else {}  # only the second kernel is launched early
     _split_kernel[(Hkv, S)](
-        q, k, v, pos, idx_arg, m, l, acc, probs,
+        q, k, v, pos, idx_arg, m, l, acc, probs, m if count is None else count,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), si0, n_idx, width, S,
         math.log2(math.e) / math.sqrt(D),
         G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,
         HAS_IDX=idx is not None, SCORES=scores, UPCAST=INTERPRET, PREC=prec, PDL=pdl,
-        num_warps=warps, num_stages=num_stages or cfg["num_stages"])
+        COUNT=count is not None, num_warps=warps, num_stages=num_stages or cfg["num_stages"])
     block_p = 1024 if dev.type == "cuda" else 4096
     nb = triton.cdiv(width, block_p) if scores else 1
     _combine_kernel[(H, nb)](m, l, acc, out, probs, pos, width, S, D=D,
@@ -380,18 +386,32 @@ def _check(q, k, v, pos, idx):
         raise ValueError(f"idx values must lie below pos = {int(pos)}, got {int(idx.max())}")
 
 
-def decode_attention(q, k, v, pos, idx=None, scores=False, kernel="auto"):
+def count_torch(count, k, pos, idx):
+    """What the Triton kernel adds to `count` when given one, in torch ops (no host sync)."""
+    dense = k.shape[0] * (pos.view(1) + 1)
+    n = dense if idx is None else (idx >= 0).sum().view(1) + k.shape[0]
+    count += torch.cat([n, dense])
+
+
+def decode_attention(q, k, v, pos, idx=None, scores=False, kernel="auto", count=None):
     """One decoding query (batch 1) attends to cached positions.
     q [H, D]; k, v [Hkv, N, D] with positions 0..pos filled; pos a one-element integer tensor
     (the current token's position); idx None (every position 0..pos) or an integer [Hkv, n] of
     distinct positions in [0, pos) attended besides the current token (entries < 0: empty slots).
     Returns (out [H, D] in q.dtype, probs float32 or None): probs [H, N] for idx=None, zero past
     pos; [H, n + 1] in idx's order then the current token, zero at empty slots.
-    kernel: "torch" (reference), "triton", or "auto" (Triton on CUDA, torch on CPU)."""
+    kernel: "torch" (reference), "triton", or "auto" (Triton on CUDA, torch on CPU).
+    count: None or an int64 [2] tensor on the device, to which the call adds the entries it
+    attended (the current token and idx's non-empty slots, or 0..pos; summed over KV heads) and
+    the positions a full step would attend (pos + 1 per KV head). Triton counts in the kernel."""
     _check(q, k, v, pos, idx)
+    if count is not None and (count.shape != (2,) or count.dtype != torch.int64 or count.device != k.device):
+        raise ValueError(f"count must be an int64 [2] tensor on {k.device}")
     if kernel == "auto":
         kernel = "triton" if q.device.type == "cuda" and triton is not None else "torch"
     if kernel == "torch":
+        if count is not None:
+            count_torch(count, k, pos, idx)
         return attention_torch(q, k, v, pos, idx, scores)
     if kernel != "triton":
         raise ValueError(f"kernel must be 'torch', 'triton' or 'auto', got {kernel!r}")
@@ -402,4 +422,4 @@ def decode_attention(q, k, v, pos, idx=None, scores=False, kernel="auto"):
                          "set before triton is imported")
     if q.shape[1] < 16 or q.shape[1] & (q.shape[1] - 1):
         raise ValueError(f"kernel='triton' needs a power-of-2 head dim >= 16, got {q.shape[1]}")
-    return attention_triton(q, k, v, pos, idx, scores)
+    return attention_triton(q, k, v, pos, idx, scores, count=count)

@@ -425,9 +425,22 @@ def test_column_scores_validation():
 
 
 def test_bench_attention_bad_out_dir(tmp_path):
-    """A directory that cannot be made: one line on stderr, exit 2; a missing one is made."""
+    """An --out directory that cannot be made: one line on stderr, exit 2."""
     blocker = tmp_path / "file"
     blocker.write_text("")
     r = subprocess.run([sys.executable, "bench_attention.py", "--cpu", "--out", str(blocker / "x")],
                        capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--out" in r.stderr
+
+
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_count(kernel):
+    """count gains (entries attended, positions 0..pos), summed over KV heads, call after call."""
+    q, k, v, pos, idx = make(2, 4, 150, 32, torch.float32, 9, n=60, empty=7)
+    count = torch.zeros(2, dtype=torch.int64, device=DEV)
+    decode_attention(q, k, v, pos, idx, kernel=kernel, count=count)
+    assert count.tolist() == [2 * (60 - 7 + 1), 2 * 150]
+    decode_attention(q, k, v, pos, None, scores=True, kernel=kernel, count=count)
+    assert count.tolist() == [2 * (60 - 7 + 1) + 2 * 150, 4 * 150]
+    with pytest.raises(ValueError):
+        decode_attention(q, k, v, pos, idx, kernel=kernel, count=count.int())
