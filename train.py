@@ -263,7 +263,7 @@ class RefreshAttention:
     partial step, attending to what RefreshKV's small cache holds then: the top positions of the last
     full step's scores (the prefill's last query, or the last full answer row; softmax over the
     positions up to it, max over the query group, max-pooled), one fewer for each answer token that
-    joined since, plus those tokens and itself. budget [B]: K per row. Ties at the K-th score keep
+    joined since, plus those tokens (the latest K of them) and itself. budget [B]: K per row. Ties at the K-th score keep
     all tied positions; the selection carries no gradient."""
 
     def __init__(self, start, length, budget, stride, pool_kernel=7):
@@ -295,7 +295,8 @@ class RefreshAttention:
             kth = ranked.gather(2, at)[..., None]  # [B, Hkv, A, 1]
             f = src.gather(1, self.last[None].expand(B, A))[:, None, :, None]  # [B, 1, A, 1]
             chosen = (probs[:, :, self.last] >= kth) & (pos <= f) & (keep > 0)[:, None, :, None]
-            mask = chosen | ((pos > f) & (pos <= rows[:, None, :, None]))  # [B, Hkv, A, T]
+            oldest = torch.maximum(f, rows[:, None, :, None] - 1 - self.budget[:, None, None, None])  # past K joined,
+            mask = chosen | ((pos > oldest) & (pos <= rows[:, None, :, None]))  # the oldest left; [B, Hkv, A, T]
         qa = q.gather(2, rows.clamp(max=T - 1)[:, None, :, None].expand(B, H, A, D))
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):  # flash takes no mask
             out = F.scaled_dot_product_attention(qa, k, v, attn_mask=mask.repeat_interleave(H // Hkv, 1), enable_gqa=True)
