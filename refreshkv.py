@@ -31,9 +31,11 @@ def sample(logits, temperature, top_p, gen):
 
 
 @torch.inference_mode()
-def generate(model, prompt, policy=None, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0, stop=(), graphs=None):
+def generate(model, prompt, policy=None, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0, stop=(), graphs=None,
+             forced=None):
     """Yield (token, logits [vocab]) for each generated token. The first token comes from the
-    prefill's logits; each later one from a decode step of the policy.
+    prefill's logits; each later one from a decode step of the policy. forced: tokens to feed back
+    instead of sampling (teacher forcing: eval.py scores a gold answer so).
     On CUDA each decode step runs as a CUDA graph: the first step of each plan (policy.plan) runs
     as is and is then captured; later steps of that plan replay it, with the token and its
     position in fixed buffers. graphs: the captured graphs by plan (a fresh dict by default);
@@ -53,7 +55,7 @@ def generate(model, prompt, policy=None, max_new_tokens=256, temperature=0.0, to
     if graphs:
         raise ValueError("graphs must start empty: a graph holds the buffers of one generation")
     for t in range(1, max_new_tokens + 1):
-        token = sample(logits, temperature, top_p, gen)
+        token = forced[t - 1] if forced is not None else sample(logits, temperature, top_p, gen)
         yield token, logits
         if token in stop or t == max_new_tokens:
             return
