@@ -1,96 +1,211 @@
-"""Accuracy of each policy on the long-output tasks of tasks.py, at budgets of 1/8 and 1/4 of the input.
+"""Accuracy of each KV-cache policy on the long-output tasks of tasks.py, with intervals.
 
-    python eval.py --n 3                          # a small sample on the CPU, a few minutes
-    python eval.py --n 40 --workers 12            # a larger one (worker processes share the device)
+    python eval.py --n 100 --workers 12 --out out/eval            # the README table (GPU, minutes)
+    python eval.py --n 4 --lengths 400 --policies full,refreshkv  # a quick look on a CPU
+    python eval.py --fit --n 30                                    # fit the similarity threshold
 
-Prints one table (chain-of-key exact match at hops 1..8, exact match on multi_key and id_range,
-attention reads saved versus full) and writes it as CSV.
+Each example is scored by teacher forcing: its gold answer is fed back token by token through the
+policy's decode steps (refreshkv.generate with forced tokens), and each step's logits give
+- exact match: every answer token is the greedy choice, i.e. greedy decoding writes the gold answer
+  (for chain_of_key also hop accuracy: how many answer lines come before the first wrong token);
+- token accuracy: the share of answer tokens that are the greedy choice;
+- the perplexity of the gold answer: exp of the mean negative log-likelihood per answer token.
+These do not collapse to 0 at the first wrong token, as exact match does. Exact match by teacher
+forcing equals greedy decoding's (--verify N runs both on N examples per cell and counts agreement).
+Every rate carries a 95% Wilson interval; each policy's exact match is compared with full
+attention's on the same examples by an exact McNemar test (p). Inputs are held-out seeds
+(training draws its own random ones; --fit uses yet other seeds). Results: --out/eval.csv and
+--out/eval.md, never the repo root.
 """
 import argparse
 import csv
+import math
 import multiprocessing as mp
 import time
+from pathlib import Path
 
 import torch
 
 import tasks
 from model import load
-from policies import POLICIES
+from policies import build, label, parse_specs
 from refreshkv import BUNDLED_MODEL, generate
 
-CONFIGS = [  # (label, policy, knobs). Pool 31 bytes spans about the text that the paper's 7 BPE tokens do.
-    ("full", "full", {}),
-    ("refreshkv S=5 pool 31", "refreshkv", dict(stride=5, pool=31)),
-    ("refreshkv S=10 pool 31", "refreshkv", dict(stride=10, pool=31)),
-    ("refreshkv qc S=5 s=.85 pool 31", "refreshkv", dict(stride=5, threshold=0.85, pool=31)),
-    ("refreshkv S=10 pool 7", "refreshkv", dict(stride=10)),
-    ("snapkv pool 31", "snapkv", dict(pool=31)),
-    ("snapkv pool 7", "snapkv", {}),
-    ("streamingllm", "streamingllm", {}),
-    ("h2o", "h2o", {}),
-    ("tova", "tova", {}),
-    ("quest", "quest", {}),
-    ("oracle", "oracle", {}),
-]
-HOPS = 8
+POLICIES = ("full,refreshkv,refreshkv:stride=5,refreshkv:refresh_only=true,snapkv,streamingllm,h2o,tova,"
+            "quest,oracle")
+ITEMS = {"chain_of_key": 8, "multi_key": 6, "id_range": 8}  # answer lines per task
+EVAL_SEED, FIT_SEED = 2 * 10**6, 5 * 10**6  # held-out examples; threshold fitting (never reported)
+BYTES_PER_TOKEN = 2.2  # of task text under the bundled vocabulary: input lengths are asked for in tokens
 
 
-def examples(n, length):
-    """Held-out seeds (training draws its own random ones): n of each task."""
-    return ([tasks.chain_of_key(2 * 10**6 + i, length, HOPS) for i in range(n)]
-            + [tasks.multi_key(2 * 10**6 + i, length, 6) for i in range(n)]
-            + [tasks.id_range(2 * 10**6 + i, length, 6) for i in range(n)])
+def examples(task, n, length, seed=EVAL_SEED):
+    return [tasks.make_example(task, seed + i, int(length * BYTES_PER_TOKEN), ITEMS[task]) for i in range(n)]
 
 
-def run_config(job):
-    """One (config, budget fraction) over all examples -> a result row."""
-    (label, name, knobs), frac, model_dir, device, n, length = job
+_MODELS = {}
+
+
+def score(job):
+    """One cell (a policy on n examples of a task) -> per-example results."""
+    model_dir, device, spec, frac, task, length, n, seed, verify = job
     torch.set_num_threads(1)
-    model, tok = load(model_dir, device, torch.float32 if device == "cpu" else torch.bfloat16)
-    stop = set(model.args.eos_ids) | tok.eos_ids
-    chain, exact, read, dense = [], {"multi_key": [], "id_range": []}, 0, 0
-    for ex in examples(n, length):
-        prompt = tok.encode(ex.prompt, bos=True)
-        policy = POLICIES[name](**knobs, **({} if name == "full" else dict(budget=max(1, int(frac * len(prompt))))))
-        ids = [t for t, _ in generate(model, prompt, policy, len(tok.encode(ex.answer)) + 4, stop=stop)]
-        output = tok.decode([t for t in ids if t not in stop])
-        if ex.task == "chain_of_key":
-            chain.append(tasks.score(ex, output))
-        else:
-            exact[ex.task].append(tasks.exact(ex, output))
+    if model_dir not in _MODELS:
+        _MODELS[model_dir] = load(model_dir, device, torch.float32 if device == "cpu" else torch.bfloat16)
+    model, tok = _MODELS[model_dir]
+    name, knobs = spec
+    out = []
+    for i, ex in enumerate(examples(task, n, length, seed)):
+        prompt, gold = tok.encode(ex.prompt, bos=True), tok.encode(ex.answer)
+        policy = build(name, dict(knobs, budget=frac) if frac else knobs, len(prompt))
+        logits = torch.stack([lg for _, lg in generate(model, prompt, policy, len(gold), forced=gold)]).float()
+        target = torch.tensor(gold, device=logits.device)
+        right = (logits.argmax(-1) == target).tolist()
+        nll = torch.nn.functional.cross_entropy(logits, target).item()
+        first_wrong = right.index(False) if False in right else len(gold)
         c = policy.stats()
-        read, dense = read + c["read"], dense + c["dense"]
-    return dict(policy=label, budget="-" if name == "full" else f"{frac:g}",
-                **{f"hop{h}": a for h, a in enumerate(tasks.hop_accuracy(chain, HOPS), 1)},
-                multi_key=sum(exact["multi_key"]) / n, id_range=sum(exact["id_range"]) / n,
-                reads_saved=1 - read / dense)
+        row = dict(exact=first_wrong == len(gold), lines=tasks.score(ex, tok.decode(gold[:first_wrong])),
+                   token_acc=sum(right) / len(gold), nll=nll, full_share=c["full"] / max(1, c["steps"]),
+                   read=c["read"], dense=c["dense"], tokens=len(prompt))
+        if i < verify:  # greedy decoding must write the gold answer exactly when teacher forcing says so
+            policy = build(name, dict(knobs, budget=frac) if frac else knobs, len(prompt))
+            text = tok.decode([t for t, _ in generate(model, prompt, policy, len(gold))])
+            row["agree"] = tasks.exact(ex, text) == row["exact"]
+        out.append(row)
+    return out
+
+
+def wilson(k, n, z=1.96):
+    """95% interval of a rate k/n."""
+    if n == 0:
+        return 0.0, 1.0
+    p, d = k / n, 1 + z * z / n
+    mid, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def mcnemar(a, b):
+    """Exact two-sided McNemar p for paired booleans a, b: are the discordant pairs balanced?"""
+    x = sum(u and not v for u, v in zip(a, b))
+    y = sum(v and not u for u, v in zip(a, b))
+    m = x + y
+    return 1.0 if m == 0 else min(1.0, 2 * sum(math.comb(m, i) for i in range(min(x, y) + 1)) / 2 ** m)
+
+
+def mean_ci(xs):
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1))
+    return m, 1.96 * sd / math.sqrt(len(xs))
+
+
+def summarise(job, rows, full_rows):
+    """One table row for a cell."""
+    _, _, (name, knobs), frac, task, length, n, _, _ = job
+    k = sum(r["exact"] for r in rows)
+    lo, hi = wilson(k, n)
+    acc, acc_ci = mean_ci([r["token_acc"] for r in rows])
+    nll, nll_ci = mean_ci([r["nll"] for r in rows])
+    row = dict(policy=label(name, knobs), budget=f"{frac:g}" if frac else "-", task=task,
+               tokens=round(sum(r["tokens"] for r in rows) / n), n=n,
+               exact=k / n, exact_lo=lo, exact_hi=hi,
+               p_vs_full=mcnemar([r["exact"] for r in full_rows], [r["exact"] for r in rows]) if full_rows else "",
+               token_acc=acc, token_acc_ci=acc_ci, ppl=math.exp(nll), ppl_lo=math.exp(nll - nll_ci),
+               ppl_hi=math.exp(nll + nll_ci), full_share=sum(r["full_share"] for r in rows) / n,
+               reads_saved=1 - sum(r["read"] for r in rows) / sum(r["dense"] for r in rows))
+    if task == "chain_of_key":
+        row["hops"] = " ".join(f"{sum(r['lines'] >= h for r in rows) / n:.0%}" for h in range(1, ITEMS[task] + 1))
+    if "agree" in rows[0]:
+        checked = [r["agree"] for r in rows if "agree" in r]
+        row["greedy_agrees"] = f"{sum(checked)}/{len(checked)}"
+    return row
+
+
+def run(jobs, workers):
+    """Each job's per-example results, in the order of jobs (worker processes share the device)."""
+    if workers <= 1:
+        return [score(j) for j in jobs]
+    with mp.get_context("spawn").Pool(workers) as pool:
+        return pool.map(score, jobs, chunksize=1)
+
+
+def markdown(rows):
+    """The table people read: exact match with its interval and p against full, token accuracy, perplexity."""
+    out = ["| policy | budget | task | tokens | n | exact match [95% CI] | p vs full | token acc | "
+           "gold ppl [95% CI] | full steps | reads saved | chain hops 1..8 |", "|" + "---|" * 12]
+    for r in rows:
+        p = "" if r["p_vs_full"] == "" else f"{r['p_vs_full']:.2g}"
+        out.append(f"| {r['policy']} | {r['budget']} | {r['task']} | {r['tokens']} | {r['n']} | "
+                   f"{r['exact']:.0%} [{r['exact_lo']:.0%}, {r['exact_hi']:.0%}] | {p} | "
+                   f"{r['token_acc']:.1%} ± {r['token_acc_ci']:.1%} | {r['ppl']:.3g} [{r['ppl_lo']:.3g}, {r['ppl_hi']:.3g}] | "
+                   f"{r['full_share']:.2f} | {r['reads_saved']:.0%} | {r.get('hops', '')} |")
+    return "\n".join(out)
+
+
+def fit_threshold(args):
+    """The similarity schedule checked at every step (stride 1): the largest threshold whose full
+    steps stay within one in `--fit-share` layer-steps (the cost of a fixed stride), measured on
+    training-distribution examples (seeds FIT_SEED+), never the eval's."""
+    grid = [0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99]
+    jobs = [(args.model, args.device, ("refreshkv", {"stride": 1, "threshold": s}), args.budgets[0], task,
+             args.lengths[0], args.n, FIT_SEED, 0) for s in grid for task in tasks.TASK_NAMES]
+    results = run(jobs, args.workers)
+    best = None
+    print(f"fit on {args.n} examples per task (seeds {FIT_SEED}+), {args.lengths[0]} tokens, budget {args.budgets[0]:g}")
+    print("| threshold | full-step share | token acc | exact |\n|---|---|---|---|")
+    for s in grid:
+        rows = [r for j, rs in zip(jobs, results) if j[2][1]["threshold"] == s for r in rs]
+        share = sum(r["full_share"] for r in rows) / len(rows)
+        print(f"| {s} | {share:.3f} | {sum(r['token_acc'] for r in rows) / len(rows):.1%} | "
+              f"{sum(r['exact'] for r in rows) / len(rows):.0%} |")
+        if share <= args.fit_share:
+            best = s
+    print(f"fitted threshold: {best} (full steps <= {args.fit_share:g} of layer-steps)")
+    return best
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(BUNDLED_MODEL))
-    p.add_argument("--n", type=int, default=3, help="examples per task")
-    p.add_argument("--length", type=int, default=2000, help="input length in bytes (= tokens, byte-level)")
-    p.add_argument("--budgets", type=float, nargs="+", default=[0.125, 0.25])
+    p.add_argument("--policies", default=POLICIES, help="NAME[:knob=value,...],... (default: %(default)s)")
+    p.add_argument("--n", type=int, default=100, help="examples per task and cell")
+    p.add_argument("--lengths", type=int, nargs="+", default=[2000, 4000], help="input lengths in tokens")
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.125, 0.25], help="K as a fraction of the input")
+    p.add_argument("--tasks", nargs="+", default=list(tasks.TASK_NAMES), choices=tasks.TASK_NAMES)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--csv", default="eval.csv")
+    p.add_argument("--verify", type=int, default=0, help="also decode greedily the first N examples of each cell")
+    p.add_argument("--fit", action="store_true", help="fit the per-step similarity threshold and stop")
+    p.add_argument("--fit-share", type=float, default=0.1, help="--fit: most full steps per layer-step")
+    p.add_argument("--out", default="out/eval", help="output directory")
     args = p.parse_args()
-    jobs = [(c, f, args.model, args.device, args.n, args.length)
-            for c in CONFIGS for f in (args.budgets[:1] if c[1] == "full" else args.budgets)]
+    try:
+        specs = parse_specs(args.policies)
+    except ValueError as e:
+        p.error(str(e))
     start = time.time()
-    with mp.get_context("spawn").Pool(args.workers) as pool:
-        rows = pool.map(run_config, jobs, chunksize=1)
-    cols = list(rows[0])
-    with open(args.csv, "w", newline="") as f:
-        w = csv.DictWriter(f, cols)
+    if args.fit:
+        fit_threshold(args)
+        return
+    jobs = [(args.model, args.device, spec, None if spec[0] == "full" or "budget" in spec[1] else frac, task,
+             length, args.n, EVAL_SEED, args.verify)
+            for spec in specs for frac in (args.budgets[:1] if spec[0] == "full" or "budget" in spec[1] else args.budgets)
+            for length in args.lengths for task in args.tasks]
+    results = run(jobs, args.workers)
+    full = {(j[4], j[5]): rs for j, rs in zip(jobs, results) if j[2][0] == "full"}
+    rows = [summarise(j, rs, full.get((j[4], j[5])) if j[2][0] != "full" else None) for j, rs in zip(jobs, results)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "eval.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(dict.fromkeys(k for r in rows for k in r)))
         w.writeheader()
         w.writerows(rows)
-    print(f"{args.n} examples per task, inputs of ~{args.length} tokens, greedy; {time.time() - start:.0f} s")
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(f"{v:.0%}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    head = (f"{args.model}: {args.n} held-out examples per task and cell, teacher-forced, "
+            f"{time.time() - start:.0f} s")
+    checked = [r["agree"] for rs in results for r in rs if "agree" in r]
+    if checked:
+        head += f"; greedy decoding agreed with teacher-forced exact match on {sum(checked)}/{len(checked)} examples"
+    (out / "eval.md").write_text(head + "\n\n" + markdown(rows) + "\n")
+    print(head)
+    print(markdown(rows))
 
 
 if __name__ == "__main__":
