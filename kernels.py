@@ -356,6 +356,222 @@ def column_scores(q, k, kernel="auto"):
     return column_scores_triton(q, k)
 
 
+# ----------------------------------------------------------------------------- refresh selection
+
+def pooled_top_torch(probs, n_kv, pool, k, last=None):
+    """Reference for pooled_top: the group's max over query heads, a max-pool of width `pool` over
+    positions (same padding), then per KV head the k best positions <= last (unsorted; -1 and -inf
+    in slots no position fills)."""
+    s = probs.view(n_kv, -1, probs.shape[-1]).amax(1)
+    s = torch.nn.functional.max_pool1d(s[None], pool, stride=1, padding=pool // 2)[0]
+    if last is not None:
+        s = s.masked_fill(torch.arange(s.shape[1], device=s.device) > last, float("-inf"))
+    if k > s.shape[1]:
+        s = torch.nn.functional.pad(s, (0, k - s.shape[1]), value=float("-inf"))
+    best = s.topk(k, dim=-1, sorted=False)
+    return best.indices.masked_fill(best.values == float("-inf"), -1), best.values
+
+
+# Radix select on the scores' float32 bits (non-negative floats order like their bits): three
+# digits, most significant first; each pass counts the digits of the entries that match the
+# prefix chosen so far, and the next pass picks the digit where the k-th largest lies.
+DIGITS = ((20, 11), (10, 10), (0, 10))  # (shift, bits) of each pass; bit 31 (sign) is 0
+
+if triton is not None:
+
+    @triton.jit
+    def _skip(flag_ptr, HAS_FLAG: tl.constexpr):
+        """True where a flag is given and holds 0: the selection is not wanted at this call."""
+        if HAS_FLAG:
+            return tl.load(flag_ptr) == 0
+        return False
+
+    @triton.jit
+    def _threshold(hist_ptr, kvh, Hkv, k, PASSES: tl.constexpr):
+        """From the histograms of the first PASSES passes: (the k-th largest value's leading bits,
+        how many of the entries sharing them are still to take)."""
+        prefix = 0
+        rem = k
+        for p in tl.static_range(PASSES):
+            shift: tl.constexpr = 20 if p == 0 else (10 if p == 1 else 0)
+            nb: tl.constexpr = 2048 if p == 0 else 1024
+            b = tl.arange(0, nb)
+            h = tl.load(hist_ptr + (p * Hkv + kvh) * 2048 + b)
+            ge = tl.sum(h, 0) - tl.cumsum(h, 0) + h                 # entries with digit >= b
+            d = tl.max(tl.where(ge >= rem, b, 0), 0)                 # the k-th largest's digit
+            rem -= tl.sum(tl.where(b > d, h, 0), 0)                  # taken: every larger digit
+            prefix |= d << shift
+        return prefix, rem
+
+    @triton.jit
+    def _bits(s):
+        """Order-preserving int32 bits of non-negative floats, and which entries may be taken."""
+        s = s + 0.0                                   # -0.0 -> +0.0
+        return s.to(tl.int32, bitcast=True), s >= 0   # -inf (not selectable) and NaN: False
+
+    @triton.jit(do_not_specialize=["N", "chunk"])
+    def _pool_hist_kernel(p_ptr, s_ptr, hist_ptr, last_ptr, flag_ptr, N, chunk, Hkv,
+                          G: tl.constexpr, POOL: tl.constexpr, BLOCK: tl.constexpr,
+                          HAS_LAST: tl.constexpr, HAS_FLAG: tl.constexpr):
+        """Grid (Hkv, programs per row). s = the pooled group max (-inf past last); histogram of
+        its first digit."""
+        if _skip(flag_ptr, HAS_FLAG):
+            return
+        kvh = tl.program_id(0)
+        start = tl.program_id(1) * chunk
+        hist = tl.zeros([2048], tl.int32)
+        bad = 0
+        for j0 in range(start, tl.minimum(start + chunk, N), BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            best = tl.full([BLOCK], float("-inf"), tl.float32)
+            for g in tl.static_range(G):
+                for o in tl.static_range(POOL):
+                    jj = j + (o - POOL // 2)
+                    x = tl.load(p_ptr + (kvh * G + g) * N + jj, mask=(jj >= 0) & (jj < N),
+                                other=float("-inf"))
+                    best = tl.maximum(best, x)
+            if HAS_LAST:
+                best = tl.where(j <= tl.load(last_ptr), best, float("-inf"))
+            tl.store(s_ptr + kvh * N + j, best, mask=j < N)
+            u, ok = _bits(best)
+            ok = ok & (j < N)
+            hist += tl.histogram(tl.where(ok, (u >> 20) & 2047, 0), 2048)
+            bad += tl.sum((~ok).to(tl.int32), 0)      # counted in bin 0: taken out below
+        b = tl.arange(0, 2048)
+        tl.atomic_add(hist_ptr + kvh * 2048 + b, hist - tl.where(b == 0, bad, 0))
+
+    @triton.jit(do_not_specialize=["N", "chunk", "k"])
+    def _hist_kernel(s_ptr, hist_ptr, flag_ptr, N, chunk, Hkv, k, PASS: tl.constexpr,
+                     BLOCK: tl.constexpr, HAS_FLAG: tl.constexpr):
+        """Pass 1 or 2: histogram of the next 10 bits among the entries matching the prefix."""
+        if _skip(flag_ptr, HAS_FLAG):
+            return
+        kvh = tl.program_id(0)
+        start = tl.program_id(1) * chunk
+        shift: tl.constexpr = 10 if PASS == 1 else 0
+        prefix, rem = _threshold(hist_ptr, kvh, Hkv, k, PASS)
+        hist = tl.zeros([1024], tl.int32)
+        bad = 0
+        for j0 in range(start, tl.minimum(start + chunk, N), BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            u, ok = _bits(tl.load(s_ptr + kvh * N + j, mask=j < N, other=float("-inf")))
+            ok = ok & ((u >> (shift + 10)) == (prefix >> (shift + 10)))
+            hist += tl.histogram(tl.where(ok, (u >> shift) & 1023, 0), 1024)
+            bad += tl.sum((~ok).to(tl.int32), 0)
+        b = tl.arange(0, 1024)
+        tl.atomic_add(hist_ptr + (PASS * Hkv + kvh) * 2048 + b, hist - tl.where(b == 0, bad, 0))
+
+    @triton.jit(do_not_specialize=["N", "chunk", "k"])
+    def _count_kernel(s_ptr, hist_ptr, cnt_ptr, flag_ptr, N, chunk, Hkv, k, P,
+                      BLOCK: tl.constexpr, HAS_FLAG: tl.constexpr):
+        """Per program: how many of its entries lie above the threshold, and how many on it."""
+        if _skip(flag_ptr, HAS_FLAG):
+            return
+        kvh = tl.program_id(0)
+        pid = tl.program_id(1)
+        t, rem = _threshold(hist_ptr, kvh, Hkv, k, 3)
+        gt = 0
+        eq = 0
+        for j0 in range(pid * chunk, tl.minimum(pid * chunk + chunk, N), BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            u, ok = _bits(tl.load(s_ptr + kvh * N + j, mask=j < N, other=float("-inf")))
+            gt += tl.sum((ok & (u > t)).to(tl.int32), 0)
+            eq += tl.sum((ok & (u == t)).to(tl.int32), 0)
+        tl.store(cnt_ptr + (kvh * P + pid) * 2, gt)
+        tl.store(cnt_ptr + (kvh * P + pid) * 2 + 1, eq)
+
+    @triton.jit(do_not_specialize=["N", "chunk", "k"])
+    def _compact_kernel(s_ptr, hist_ptr, cnt_ptr, idx_ptr, val_ptr, flag_ptr, N, chunk, Hkv, k, P,
+                        sx0, sv0, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, HAS_FLAG: tl.constexpr):
+        """Writes the selection in position order: every entry above the threshold and the first
+        entries on it, as many as still wanted; the last program empties the slots left over."""
+        if _skip(flag_ptr, HAS_FLAG):
+            return
+        kvh = tl.program_id(0)
+        pid = tl.program_id(1)
+        t, rem = _threshold(hist_ptr, kvh, Hkv, k, 3)
+        q = tl.arange(0, BLOCK_P)
+        gt = tl.load(cnt_ptr + (kvh * P + q) * 2, mask=q < P, other=0)
+        eq = tl.load(cnt_ptr + (kvh * P + q) * 2 + 1, mask=q < P, other=0)
+        eq_before = tl.cumsum(eq, 0) - eq                            # on the threshold, earlier programs
+        taken = gt + tl.minimum(tl.maximum(rem - eq_before, 0), eq)  # each program's selection
+        slot = tl.sum(tl.where(q < pid, taken, 0), 0)
+        eq_rank = tl.sum(tl.where(q < pid, eq, 0), 0)
+        for j0 in range(pid * chunk, tl.minimum(pid * chunk + chunk, N), BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            x = tl.load(s_ptr + kvh * N + j, mask=j < N, other=float("-inf"))
+            u, ok = _bits(x)
+            on = ok & (u == t)
+            on_rank = eq_rank + tl.cumsum(on.to(tl.int32), 0) - 1
+            sel = (ok & (u > t)) | (on & (on_rank < rem))
+            at = slot + tl.cumsum(sel.to(tl.int32), 0) - 1
+            tl.store(idx_ptr + kvh * sx0 + at, j.to(tl.int64), mask=sel)
+            tl.store(val_ptr + kvh * sv0 + at, x, mask=sel)
+            slot += tl.sum(sel.to(tl.int32), 0)
+            eq_rank += tl.sum(on.to(tl.int32), 0)
+        if pid == tl.num_programs(1) - 1:                            # slots no position filled
+            for e0 in range(tl.sum(taken, 0), k, BLOCK):
+                e = e0 + tl.arange(0, BLOCK)
+                tl.store(idx_ptr + kvh * sx0 + e, tl.full([BLOCK], -1, tl.int64), mask=e < k)
+                tl.store(val_ptr + kvh * sv0 + e, tl.full([BLOCK], float("-inf"), tl.float32), mask=e < k)
+
+
+def pooled_top_triton(probs, n_kv, pool, k, last=None, out=None, flag=None, programs=None, block=None):
+    """Triton pooled_top: one pass makes the pooled scores and the first digit's histogram, two
+    more refine the threshold, then a count and a compaction: five launches, no sort."""
+    H, N = probs.shape
+    probs = probs.contiguous().float()
+    dev = probs.device
+    P = programs or (32 if probs.is_cuda else 2)
+    P = max(1, min(P, triton.cdiv(N, 256)))
+    BLOCK = block or (1024 if probs.is_cuda else 256)
+    chunk = triton.cdiv(triton.cdiv(N, P), BLOCK) * BLOCK            # whole blocks per program
+    P = triton.cdiv(N, chunk)
+    idx, val = out if out is not None else (torch.empty(n_kv, k, dtype=torch.long, device=dev),
+                                             torch.empty(n_kv, k, dtype=torch.float32, device=dev))
+    s = torch.empty(n_kv, N, dtype=torch.float32, device=dev)
+    hist = torch.zeros(3, n_kv, 2048, dtype=torch.int32, device=dev)
+    cnt = torch.empty(n_kv, P, 2, dtype=torch.int32, device=dev)
+    fl = dict(HAS_FLAG=flag is not None)
+    flag = s if flag is None else flag
+    grid = (n_kv, P)
+    _pool_hist_kernel[grid](probs, s, hist, s if last is None else last, flag, N, chunk, n_kv,
+                            G=H // n_kv, POOL=pool, BLOCK=BLOCK, HAS_LAST=last is not None, **fl)
+    for p in (1, 2):
+        _hist_kernel[grid](s, hist, flag, N, chunk, n_kv, k, PASS=p, BLOCK=BLOCK, **fl)
+    _count_kernel[grid](s, hist, cnt, flag, N, chunk, n_kv, k, P, BLOCK=BLOCK, **fl)
+    _compact_kernel[grid](s, hist, cnt, idx, val, flag, N, chunk, n_kv, k, P, idx.stride(0), val.stride(0),
+                          BLOCK=BLOCK, BLOCK_P=max(2, triton.next_power_of_2(P)), **fl)
+    return idx, val
+
+
+def pooled_top(probs, n_kv, pool, k, last=None, out=None, flag=None, kernel="auto"):
+    """The refresh's selection. probs [H, N] float32 (rows of query heads, GQA groups of H // n_kv)
+    -> (positions [n_kv, k] int64, scores [n_kv, k] float32): per KV head the k positions with the
+    highest pooled score (max over the group's heads, then a max-pool of odd width `pool` over
+    positions), among positions <= last (a one-element tensor on the device) if given; empty slots
+    -1 and -inf. Slots in no particular order; between equal scores, any. out: (positions, scores)
+    to write in place. flag: None or a one-element integer tensor on the device; where it holds 0
+    nothing is computed or written (Triton) - a refresh that a CUDA graph skips on the GPU's
+    decision. kernel: "torch" (reference; flag as a masked update), "triton", or "auto"."""
+    if probs.dim() != 2 or probs.shape[0] % n_kv or pool < 1 or pool % 2 == 0 or k < 1:
+        raise ValueError(f"want probs [H, N] with H a multiple of {n_kv}, an odd pool and k >= 1")
+    if kernel == "auto":
+        kernel = "triton" if probs.device.type == "cuda" and triton is not None else "torch"
+    if kernel == "triton":
+        return pooled_top_triton(probs, n_kv, pool, k, last, out, flag)
+    if kernel != "torch":
+        raise ValueError(f"kernel must be 'torch', 'triton' or 'auto', got {kernel!r}")
+    idx, val = pooled_top_torch(probs.float(), n_kv, pool, k, last)
+    if out is None:
+        return idx, val
+    if flag is not None:
+        idx, val = torch.where(flag != 0, idx, out[0]), torch.where(flag != 0, val, out[1])
+    out[0].copy_(idx)
+    out[1].copy_(val)
+    return out
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 def _check(q, k, v, pos, idx):

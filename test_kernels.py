@@ -444,3 +444,51 @@ def test_count(kernel):
     assert count.tolist() == [2 * (60 - 7 + 1) + 2 * 150, 4 * 150]
     with pytest.raises(ValueError):
         decode_attention(q, k, v, pos, idx, kernel=kernel, count=count.int())
+
+
+# ----------------------------------------------------------------------------- refresh selection
+
+def check_selection(probs, n_kv, pool, k, last, idx, val):
+    """A valid answer: distinct positions <= last, each with its pooled score, the same scores as
+    the torch reference's (ties may pick other positions), -1/-inf in the slots left over."""
+    ridx, rval = kernels.pooled_top_torch(probs.cpu(), n_kv, pool, k, None if last is None else last.cpu())
+    idx, val = idx.cpu(), val.cpu()
+    assert torch.equal(val.sort(1).values, rval.sort(1).values)
+    assert torch.equal((idx < 0), (val == float("-inf")))
+    s = torch.nn.functional.max_pool1d(probs.cpu().view(n_kv, -1, probs.shape[1]).amax(1)[None], pool, 1, pool // 2)[0]
+    for row in range(n_kv):
+        got = idx[row][idx[row] >= 0]
+        assert got.unique().numel() == got.numel() and (last is None or (got <= last.cpu()).all())
+        assert torch.equal(s[row, got], val[row][idx[row] >= 0])
+
+
+@FAST
+@given(n_kv=st.integers(1, 3), G=st.sampled_from([1, 4]), N=st.integers(1, 700), pool=st.sampled_from([1, 3, 7]),
+       kfrac=st.floats(0.01, 1.3), lastfrac=st.one_of(st.none(), st.floats(0, 1)), ties=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_pooled_top(n_kv, G, N, pool, kfrac, lastfrac, ties, seed):
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.rand(n_kv * G, N, generator=gen)
+    if ties:  # few distinct values: the threshold falls inside a run of equal scores
+        probs = (probs * 4).floor() / 4
+    k = max(1, int(kfrac * N))
+    last = None if lastfrac is None else torch.tensor([int(lastfrac * (N - 1))])
+    if last is not None:
+        probs[:, int(last) + 1:] = 0.0                               # as a full step's probs
+    probs, last = probs.to(DEV), None if last is None else last.to(DEV)
+    for kind in ["torch"] + (["triton"] if HAS_TRITON else []):
+        idx, val = kernels.pooled_top(probs, n_kv, pool, k, last, kernel=kind)
+        check_selection(probs, n_kv, pool, k, last, idx, val)
+
+
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_pooled_top_flag(kernel):
+    """flag 0: the outputs keep their contents; flag 1: written in place."""
+    probs = torch.rand(8, 300, device=DEV)
+    out = (torch.full((2, 20), 7, dtype=torch.long, device=DEV), torch.full((2, 20), 0.5, device=DEV))
+    flag = torch.zeros(1, dtype=torch.int32, device=DEV)
+    kernels.pooled_top(probs, 2, 7, 20, out=out, flag=flag, kernel=kernel)
+    assert (out[0] == 7).all() and (out[1] == 0.5).all()
+    flag.fill_(1)
+    kernels.pooled_top(probs, 2, 7, 20, out=out, flag=flag, kernel=kernel)
+    check_selection(probs, 2, 7, 20, None, *out)
