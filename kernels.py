@@ -75,12 +75,12 @@ if triton is not None:
         return m_max, l_sum
 
     @triton.jit(do_not_specialize=["n_idx", "width", "S"])
-    def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, idx_ptr, m_ptr, l_ptr, acc_ptr, s_ptr, count_ptr,
+    def _split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, idx_ptr, m_ptr, l_ptr, acc_ptr, s_ptr, count_ptr, full_ptr,
                       sk0, sk1, sv0, sv1, si0, n_idx, width, S, qk_scale,
                       G: tl.constexpr, D: tl.constexpr,
                       BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HAS_IDX: tl.constexpr,
                       SCORES: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                      PDL: tl.constexpr, COUNT: tl.constexpr):
+                      PDL: tl.constexpr, COUNT: tl.constexpr, FLAG: tl.constexpr):
         if PDL:  # every program is running: the combine kernel may be scheduled (it waits)
             gdc_launch_dependents()
         kvh = tl.program_id(0)
@@ -93,7 +93,11 @@ if triton is not None:
         if UPCAST:  # the interpreter's bf16 math is broken: compute in float32
             q = q.to(tl.float32)
         cur = tl.load(pos_ptr).to(tl.int32)           # the current token's position, read here
-        if HAS_IDX:  # attended entries: idx's n slots, then the current token
+        if FLAG:     # the caller's flag decides on the GPU: every position (nonzero), or idx
+            flag = tl.load(full_ptr).to(tl.int32)
+            dense = flag != 0
+            n_att = tl.where(dense, cur + 1, n_idx + 1)
+        elif HAS_IDX:  # attended entries: idx's n slots, then the current token
             n_att = n_idx + 1
         else:        # every position 0..pos
             n_att = cur + 1
@@ -107,8 +111,12 @@ if triton is not None:
             j = j0 + tl.arange(0, BLOCK_N)            # [BLOCK_N] attended entry
             inside = j < n_att
             if HAS_IDX:  # entries 0..n-1 come from idx, entry n is the current token
-                at = tl.load(idx_ptr + kvh * si0 + j, mask=j < n_idx, other=0)
-                at = tl.where(j < n_idx, at, cur)
+                if FLAG:  # a dense pass reads no idx and takes entry j = position j
+                    at = tl.load(idx_ptr + kvh * si0 + j, mask=j < tl.where(dense, 0, n_idx), other=0)
+                    at = tl.where(dense, j, tl.where(j < n_idx, at, cur))
+                else:
+                    at = tl.load(idx_ptr + kvh * si0 + j, mask=j < n_idx, other=0)
+                    at = tl.where(j < n_idx, at, cur)
                 valid = inside & (at >= 0)            # idx < 0: an empty slot
             else:
                 at = j
@@ -126,8 +134,10 @@ if triton is not None:
             s = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
             s = tl.where(valid[None, :], s, float("-inf"))
             if SCORES:  # written once (-inf at empty slots); the combine kernel normalises them
-                tl.store(s_ptr + h[:, None] * width + j[None, :], s,
-                         mask=hmask[:, None] & inside[None, :])
+                keep = hmask[:, None] & inside[None, :]
+                if FLAG:  # scores of a dense pass only
+                    keep = keep & (j[None, :] < tl.where(dense, n_att, 0))
+                tl.store(s_ptr + h[:, None] * width + j[None, :], s, mask=keep)
             # online softmax
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
@@ -145,15 +155,19 @@ if triton is not None:
         tl.store(acc_ptr + (h[:, None] * S + split) * D + d[None, :], acc, mask=hmask[:, None])
 
     @triton.jit(do_not_specialize=["width", "S"])
-    def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, s_ptr, pos_ptr, width, S,
+    def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, s_ptr, pos_ptr, full_ptr, width, S,
                         D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr,
-                        SCORES: tl.constexpr, HAS_IDX: tl.constexpr, PDL: tl.constexpr):
+                        SCORES: tl.constexpr, HAS_IDX: tl.constexpr, PDL: tl.constexpr,
+                        FLAG: tl.constexpr):
         """Grid (H, blocks of a probs row). Program (h, 0) writes out[h]; every program turns
         one block of head h's scaled logits into probabilities, in place."""
         if PDL:  # launched early: wait until the split kernel's writes are complete and visible
             gdc_wait()
         h = tl.program_id(0)
         b = tl.program_id(1)
+        if FLAG:  # no dense pass: no probabilities to make
+            if (b > 0) & (tl.load(full_ptr) == 0):
+                return
         if b == 0:
             m_max, l_sum = _merge(m_ptr, l_ptr, acc_ptr, out_ptr, h, S, D, BLOCK_S)
         else:  # same numbers, without writing out
@@ -164,7 +178,11 @@ if triton is not None:
             l_sum = tl.sum(l * tl.exp2(m - m_max), 0)
         if SCORES:
             lse = m_max + tl.log2(l_sum)              # log-sum-exp, base 2
-            if HAS_IDX:  # the whole row was written
+            if FLAG:     # a dense pass: logits at 0..pos (the programs of a sparse one write nothing)
+                dense = tl.load(full_ptr) != 0
+                n_att = tl.where(dense, tl.load(pos_ptr).to(tl.int32) + 1, 0)
+                width = tl.where(dense, width, 0)
+            elif HAS_IDX:  # the whole row was written
                 n_att = width
             else:        # logits at 0..pos only; the row's rest gets exact zeros
                 n_att = tl.load(pos_ptr).to(tl.int32) + 1
@@ -184,17 +202,20 @@ CPU_CONFIG = dict(block_n=128, num_warps=4, num_stages=1, splits=2, pdl=False)
 
 
 def attention_triton(q, k, v, pos, idx=None, scores=False, block_n=None, num_splits=None,
-                     num_warps=None, num_stages=None, exact_splits=False, pdl=None, count=None):
+                     num_warps=None, num_stages=None, exact_splits=False, pdl=None, count=None,
+                     full=None):
     """Split-KV Triton decode. pos is read by the kernels only, and the grid and every launch
     argument depend on shapes alone, so one CUDA graph serves every position. Tuning
     arguments are for tests and the benchmark only; exact_splits=True keeps num_splits even
-    if some splits can get no entry (tests)."""
+    if some splits can get no entry (tests). With `full` (a flag on the device, idx given) the
+    launches are the dense ones, so a dense pass gives the same bits as idx=None."""
     H, D = q.shape
     Hkv, N, _ = k.shape
     G = H // Hkv
     n_idx = 0 if idx is None else idx.shape[1]
-    width = N if idx is None else n_idx + 1           # a probs row; the most entries attended
-    cfg = CUDA_CONFIG["dense" if idx is None else "sparse"] if q.is_cuda else CPU_CONFIG
+    width = N if idx is None or full is not None else n_idx + 1  # a probs row; the most entries attended
+    dense = idx is None or full is not None
+    cfg = CUDA_CONFIG["dense" if dense else "sparse"] if q.is_cuda else CPU_CONFIG
     block_n = block_n or cfg["block_n"]
     S = num_splits or cfg["splits"]
     if not exact_splits:  # at most one split per block of width (dense: of N, not pos + 1)
@@ -220,18 +241,19 @@ def attention_triton(q, k, v, pos, idx=None, scores=False, block_n=None, num_spl
     pdl = bool(pdl and q.is_cuda and gdc_wait is not None)
     launch = dict(launch_pdl=True) if pdl else {}  # only the second kernel is launched early
     _split_kernel[(Hkv, S)](
-        q, k, v, pos, idx_arg, m, l, acc, probs, m if count is None else count,
+        q, k, v, pos, idx_arg, m, l, acc, probs, m if count is None else count, pos if full is None else full,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), si0, n_idx, width, S,
         math.log2(math.e) / math.sqrt(D),
         G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,
         HAS_IDX=idx is not None, SCORES=scores, UPCAST=INTERPRET, PREC=prec, PDL=pdl,
-        COUNT=count is not None, num_warps=warps, num_stages=num_stages or cfg["num_stages"])
+        COUNT=count is not None, FLAG=full is not None, num_warps=warps,
+        num_stages=num_stages or cfg["num_stages"])
     block_p = 1024 if dev.type == "cuda" else 4096
     nb = triton.cdiv(width, block_p) if scores else 1
-    _combine_kernel[(H, nb)](m, l, acc, out, probs, pos, width, S, D=D,
+    _combine_kernel[(H, nb)](m, l, acc, out, probs, pos, pos if full is None else full, width, S, D=D,
                              BLOCK_S=max(2, triton.next_power_of_2(S)), BLOCK_P=block_p,
-                             SCORES=scores, HAS_IDX=idx is not None, PDL=pdl, num_warps=warps,
-                             **launch)
+                             SCORES=scores, HAS_IDX=idx is not None, PDL=pdl,
+                             FLAG=full is not None, num_warps=warps, **launch)
     return out, (probs if scores else None)
 
 
@@ -602,14 +624,23 @@ def _check(q, k, v, pos, idx):
         raise ValueError(f"idx values must lie below pos = {int(pos)}, got {int(idx.max())}")
 
 
-def count_torch(count, k, pos, idx):
+def count_torch(count, k, pos, idx, full=None):
     """What the Triton kernel adds to `count` when given one, in torch ops (no host sync)."""
     dense = k.shape[0] * (pos.view(1) + 1)
     n = dense if idx is None else (idx >= 0).sum().view(1) + k.shape[0]
+    if full is not None:
+        n = torch.where(full.view(1) != 0, dense, n)
     count += torch.cat([n, dense])
 
 
-def decode_attention(q, k, v, pos, idx=None, scores=False, kernel="auto", count=None):
+def attention_flag_torch(q, k, v, pos, idx, scores, full):
+    """Reference for the flag: both passes, the dense one's output where the flag is set."""
+    dense, probs = attention_torch(q, k, v, pos, None, scores)
+    sparse, _ = attention_torch(q, k, v, pos, idx, False)
+    return torch.where(full.view(()) != 0, dense, sparse), probs
+
+
+def decode_attention(q, k, v, pos, idx=None, scores=False, kernel="auto", count=None, full=None):
     """One decoding query (batch 1) attends to cached positions.
     q [H, D]; k, v [Hkv, N, D] with positions 0..pos filled; pos a one-element integer tensor
     (the current token's position); idx None (every position 0..pos) or an integer [Hkv, n] of
@@ -619,15 +650,24 @@ def decode_attention(q, k, v, pos, idx=None, scores=False, kernel="auto", count=
     kernel: "torch" (reference), "triton", or "auto" (Triton on CUDA, torch on CPU).
     count: None or an int64 [2] tensor on the device, to which the call adds the entries it
     attended (the current token and idx's non-empty slots, or 0..pos; summed over KV heads) and
-    the positions a full step would attend (pos + 1 per KV head). Triton counts in the kernel."""
+    the positions a full step would attend (pos + 1 per KV head). Triton counts in the kernel.
+    full: None or a one-element integer tensor on the device, with idx: where it holds nonzero the
+    call attends to every position as idx=None does (same launches, same bits), else to idx;
+    decided on the GPU, so one CUDA graph serves both. probs is then [H, N] and is written by a
+    dense pass only (a sparse one leaves it as it was: read it under the same flag)."""
     _check(q, k, v, pos, idx)
+    if full is not None and (idx is None or full.numel() != 1 or full.device != k.device
+                             or full.dtype not in (torch.int32, torch.int64, torch.bool)):
+        raise ValueError(f"full must be a one-element integer tensor on {k.device}, with idx")
     if count is not None and (count.shape != (2,) or count.dtype != torch.int64 or count.device != k.device):
         raise ValueError(f"count must be an int64 [2] tensor on {k.device}")
     if kernel == "auto":
         kernel = "triton" if q.device.type == "cuda" and triton is not None else "torch"
     if kernel == "torch":
         if count is not None:
-            count_torch(count, k, pos, idx)
+            count_torch(count, k, pos, idx, full)
+        if full is not None:
+            return attention_flag_torch(q, k, v, pos, idx, scores, full)
         return attention_torch(q, k, v, pos, idx, scores)
     if kernel != "triton":
         raise ValueError(f"kernel must be 'torch', 'triton' or 'auto', got {kernel!r}")
@@ -638,4 +678,4 @@ def decode_attention(q, k, v, pos, idx=None, scores=False, kernel="auto", count=
                          "set before triton is imported")
     if q.shape[1] < 16 or q.shape[1] & (q.shape[1] - 1):
         raise ValueError(f"kernel='triton' needs a power-of-2 head dim >= 16, got {q.shape[1]}")
-    return attention_triton(q, k, v, pos, idx, scores, count=count)
+    return attention_triton(q, k, v, pos, idx, scores, count=count, full=full)

@@ -492,3 +492,42 @@ def test_pooled_top_flag(kernel):
     flag.fill_(1)
     kernels.pooled_top(probs, 2, 7, 20, out=out, flag=flag, kernel=kernel)
     check_selection(probs, 2, 7, 20, None, *out)
+
+
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_flag(kernel, dtype):
+    """A flag on the device picks the pass: nonzero gives idx=None's out and probs bit for bit,
+    zero gives idx's out bit for bit (torch) or to rounding (Triton: dense launch layout) and
+    leaves probs unwritten; the counts follow the pass taken."""
+    q, k, v, pos, idx = make(2, 4, 200, 32, dtype, 21, n=50, empty=5)
+    dense, pdense = decode_attention(q, k, v, pos, None, scores=True, kernel=kernel)
+    sparse, _ = decode_attention(q, k, v, pos, idx, kernel=kernel)
+    for flag in (1, 0):
+        full = torch.tensor([flag], device=DEV)
+        count = torch.zeros(2, dtype=torch.int64, device=DEV)
+        out, p = decode_attention(q, k, v, pos, idx, scores=True, kernel=kernel, count=count, full=full)
+        assert p.shape == pdense.shape
+        if flag:
+            assert torch.equal(out, dense) and torch.equal(p, pdense)
+            assert count.tolist() == [2 * 200, 2 * 200]
+        else:
+            close(out, sparse, 0.0 if kernel == "torch" else TOL[dtype])
+            assert count.tolist() == [2 * (50 - 5 + 1), 2 * 200]
+    with pytest.raises(ValueError):
+        decode_attention(q, k, v, pos, None, full=torch.tensor([1], device=DEV))
+
+
+@needs_triton
+def test_full_flag_launches_do_not_depend_on_flag(monkeypatch):
+    """The flag is read in the kernels: the same launches whatever it holds."""
+    split, combine = Spy(kernels._split_kernel), Spy(kernels._combine_kernel)
+    monkeypatch.setattr(kernels, "_split_kernel", split)
+    monkeypatch.setattr(kernels, "_combine_kernel", combine)
+    q, k, v, pos, idx = make(2, 4, 150, 32, torch.float32, 22, n=40)
+    seen = []
+    for flag in (0, 1):
+        split.launches, combine.launches = [], []
+        decode_attention(q, k, v, pos, idx, scores=True, kernel="triton", full=torch.tensor([flag], device=DEV))
+        seen.append((split.launches, combine.launches))
+    assert seen[0] == seen[1]
