@@ -11,9 +11,13 @@ attends to the positions idx [Hkv, n] (entries < 0 are empty slots) and to the c
 A decode step is captured once in a CUDA graph and replayed at every position (refreshkv.py), so
 attend keeps to three rules: no host syncs (never read a tensor's value on the host), fixed shapes
 (an [Hkv, K] selection with empty slots, not a growing one), and state made in prefill and updated
-in place (copy_, scatter_). What may differ between steps goes through plan(t), on the host.
-To add a policy: write a class like the ones below and add its name to POLICIES.
-Each class docstring says what the policy keeps; the README has the table and the papers.
+in place (copy_, scatter_), and no Python-side state that a replay would skip (attend's Python runs
+only when a plan is first met). What may differ between steps goes through plan(t), on the host.
+
+To add a policy: write a class like the ones below and add its name to POLICIES. Its constructor's
+annotated, defaulted parameters are its knobs (the command line, eval.py and bench.py read them);
+its class attributes full_steps and evicts and its method extras() are the contract the tests hold
+it to. POLICIES.md defines every policy and every property the tests check.
 """
 import inspect
 import math
@@ -74,9 +78,17 @@ def current(pos, n_kv):
 
 
 class Policy:
-    """Full attention: every step attends to every position. The reference, and the base class."""
+    """The base class; by itself, full attention (see Full)."""
 
     kernel = "auto"  # decode_attention's kernel: "auto", "torch" or "triton"
+    # The contract (POLICIES.md, "Properties"), checked for every registered policy:
+    full_steps = False  # some steps may attend to every position (run with idx None)
+    evicts = False  # a position dropped from the selection never comes back
+
+    def extras(self, T):
+        """How many positions beyond the budget a step may select, with T positions so far (the
+        current token, always attended, not counted)."""
+        return 0
 
     def prefill(self, layer, q, k, q_raw):
         self.n_kv, self.prompt_len = k.shape[0], q.shape[1]
@@ -115,10 +127,19 @@ class Policy:
         return dict(steps=steps, full=full, attended=attended / self.n_kv, read=read / self.n_kv, dense=dense / self.n_kv)
 
 
+class Full(Policy):
+    """Full attention: every step attends to every position. The reference."""
+
+    full_steps = True
+
+
 class RefreshKV(Policy):
     """The paper: partial steps attend to a small cache of `budget` positions; a full step attends to
     everything and refreshes the small cache with the top-K of its scores. Full steps come every
-    `stride` steps, or, with `threshold`, at every stride-th step where the query has drifted."""
+    `stride` steps, or, with `threshold`, at every stride-th step where the query has drifted.
+    refresh_only: the paper's ablation; a full step's token attends to the refreshed small cache."""
+
+    full_steps = True
 
     def __init__(self, budget: int, stride: int = 10, threshold: float | None = None, refresh_only: bool = False,
                  pool: int = 7):
@@ -156,13 +177,15 @@ class RefreshKV(Policy):
 
     def attend(self, layer, q, k, v, pos, q_raw):
         if self.full_step(layer, q_raw):
-            if self.refresh_only:  # the ablation: partial attention for the token, full scores for the refresh
-                probs = self.score_pass(q, k, v, pos)
-                out = self.run(q, k, v, pos, self.small[layer])[0]
-            else:
+            if not self.refresh_only:
                 out, probs = self.run(q, k, v, pos, None, scores=True)
-            self.refresh(layer, probs, q_raw, pos)
-            return out
+                self.refresh(layer, probs, q_raw, pos)
+                return out
+            # The ablation: a score pass, the refresh, then attention to the refreshed small cache;
+            # the current token, attended anyway, leaves its slot empty for this step.
+            self.refresh(layer, self.score_pass(q, k, v, pos), q_raw, pos)
+            small = self.small[layer]
+            return self.run(q, k, v, pos, small.masked_fill(small == pos, -1))[0]
         out = self.run(q, k, v, pos, self.small[layer])[0]
         # The current token joins and the lowest-ranked member leaves (an empty slot first; between
         # equal scores, either). A joined token's rank is 1 + its position: above any score, and the
@@ -176,6 +199,8 @@ class RefreshKV(Policy):
 
 class StreamingLLM(Policy):
     """Attention sinks: the first `sinks` positions and the most recent budget - sinks ones."""
+
+    evicts = True
 
     def __init__(self, budget: int, sinks: int = 4):
         if not 0 <= sinks < budget:
@@ -194,6 +219,8 @@ class SnapKV(Policy):
     of them and the window itself are kept for good. Every generated token is kept too, in slots
     made at prefill for the whole cache (the kernel skips the empty ones, but walks their indices)."""
 
+    evicts = True
+
     def __init__(self, budget: int, window: int = 1, pool: int = 7):
         if not 1 <= window < budget:
             raise ValueError(f"snapkv needs 1 <= window < budget (got window {window}, budget {budget})")
@@ -201,6 +228,9 @@ class SnapKV(Policy):
             raise ValueError(f"snapkv needs an odd pool >= 1 (got {pool})")
         self.budget, self.window, self.pool = budget, window, pool
         self.kept = {}  # per layer: [Hkv, budget + room for every generated token]
+
+    def extras(self, T):
+        return T - 1 - self.prompt_len  # the generated tokens
 
     def prefill(self, layer, q, k, q_raw):
         super().prefill(layer, q, k, q_raw)
@@ -222,6 +252,8 @@ class SnapKV(Policy):
 class H2O(Policy):
     """Heavy hitters: each position accumulates the scores it receives from every query. Keep the
     budget/2 most recent positions and the rest of the budget with the largest accumulated score."""
+
+    evicts = True
 
     def __init__(self, budget: int, block: int = 256):
         if budget < 2:
@@ -260,6 +292,8 @@ class TOVA(Policy):
     """Token omission via attention: keep the budget positions the current query scores highest
     (mean over all the layer's heads); each step the lowest one leaves for good."""
 
+    evicts = True
+
     def __init__(self, budget: int):
         if budget < 1:
             raise ValueError(f"tova needs budget >= 1 (got {budget})")
@@ -284,11 +318,16 @@ class Quest(Policy):
     min and max of their keys; the query attends to the pages whose score bound is highest, always
     including the newest page. The first two layers attend densely."""
 
+    full_steps = True  # the first two layers
+
     def __init__(self, budget: int, page_size: int = 16):
         if budget < 1 or page_size < 1:
             raise ValueError(f"quest needs budget >= 1 and page size >= 1 (got {budget}, {page_size})")
-        self.pages, self.page_size = math.ceil(budget / page_size), page_size
+        self.budget, self.pages, self.page_size = budget, math.ceil(budget / page_size), page_size
         self.kmin, self.kmax = {}, {}  # per layer: [Hkv, pages of the whole cache, D]
+
+    def extras(self, T):
+        return self.pages * self.page_size - self.budget  # whole pages
 
     def prefill(self, layer, q, k, q_raw):
         super().prefill(layer, q, k, q_raw)
@@ -338,8 +377,79 @@ class Oracle(Policy):
         return self.run(q, k, v, pos, idx)[0]
 
 
-POLICIES = {"full": Policy, "refreshkv": RefreshKV, "streamingllm": StreamingLLM, "snapkv": SnapKV,
-            "h2o": H2O, "tova": TOVA, "quest": Quest, "oracle": Oracle}
+class KNorm(Policy):
+    """KnormPress (kvpress): keep the `budget` prompt positions whose keys have the smallest L2 norm,
+    per KV head, and every generated token. Scores need no query: prefill looks at the keys alone."""
+
+    evicts = True
+
+    def __init__(self, budget: int):
+        if budget < 1:
+            raise ValueError(f"knorm needs budget >= 1 (got {budget})")
+        self.budget = budget
+        self.kept = {}  # per layer: [Hkv, budget + room for every generated token]
+
+    def extras(self, T):
+        return T - 1 - self.prompt_len  # the generated tokens
+
+    def prefill(self, layer, q, k, q_raw):
+        super().prefill(layer, q, k, q_raw)
+        L = self.prompt_len
+        smallest = top(-k[:, :L].float().norm(dim=-1), self.budget)[0]  # [Hkv, K]
+        generated = torch.full((self.n_kv, k.shape[1] - L), -1, device=k.device)  # empty until each token comes
+        self.kept[layer] = torch.cat([smallest, generated], 1)
+
+    def attend(self, layer, q, k, v, pos, q_raw):
+        out = self.run(q, k, v, pos, self.kept[layer])[0]
+        self.kept[layer].index_copy_(1, pos - self.prompt_len + self.budget, current(pos, self.n_kv))
+        return out
+
+
+class TokenSelect(Policy):
+    """Dynamic token selection (Wu et al. 2024): each step, every query head scores every past
+    position by q.k; a soft vote (each head's softmax, summed over the layer's heads) picks the
+    top-K positions, for all KV heads. While the query stays similar to the previous step's
+    (cosine above `threshold`), the last selection is kept and the previous token joins it."""
+
+    def __init__(self, budget: int, threshold: float = 0.9):
+        if budget < 1:
+            raise ValueError(f"tokenselect needs budget >= 1 (got {budget})")
+        self.budget, self.threshold = budget, threshold
+        self.chosen, self.vote, self.q_last = {}, {}, {}  # per layer: positions [1, K], their votes, last query
+
+    def prefill(self, layer, q, k, q_raw):
+        super().prefill(layer, q, k, q_raw)
+        if layer == 0:
+            self.reused = torch.zeros((), dtype=torch.long, device=k.device)  # layer-steps that kept their selection
+        self.chosen[layer] = torch.full((1, self.budget), -1, device=k.device)
+        self.vote[layer] = torch.full((1, self.budget), float("-inf"), device=k.device)
+        self.q_last[layer] = torch.zeros(q_raw[:, -1].numel(), device=k.device)  # so the first step selects
+
+    def attend(self, layer, q, k, v, pos, q_raw):
+        (Hkv, N, D), H = k.shape, q.shape[0]
+        s = (q.view(Hkv, -1, D) @ k.transpose(1, 2)).float() / math.sqrt(D)  # [Hkv, G, N]
+        s = s.masked_fill(torch.arange(N, device=k.device) >= pos, float("-inf"))  # past positions only
+        fresh, fresh_vote = top(s.softmax(-1).sum((0, 1))[None], self.budget, pos - 1)  # [1, K]
+        # Reuse: the previous token joins the kept selection in place of its lowest-voted member
+        # (an empty slot first); a joined token's vote, H + 1 + its position, outranks any vote.
+        chosen, vote, slot = self.chosen[layer], self.vote[layer], self.vote[layer].argmin(1, keepdim=True)
+        joined = (pos - 1).view(1, 1)
+        kept, kept_vote = chosen.scatter(1, slot, joined), vote.scatter(1, slot, H + 1.0 + joined.float())
+        q_now = q_raw.float().flatten()
+        similar = F.cosine_similarity(q_now, self.q_last[layer], dim=0) > self.threshold
+        chosen.copy_(torch.where(similar, kept, fresh))
+        vote.copy_(torch.where(similar, kept_vote, fresh_vote))
+        self.q_last[layer].copy_(q_now)
+        self.reused += similar
+        # the vote read every past key: half of what attending to those positions reads
+        return self.run(q, k, v, pos, positions(chosen[0], self.n_kv), extra=(pos + 1) // 2)[0]
+
+    def stats(self):
+        return dict(super().stats(), reused=int(self.reused))
+
+
+POLICIES = {"full": Full, "refreshkv": RefreshKV, "streamingllm": StreamingLLM, "snapkv": SnapKV,
+            "h2o": H2O, "tova": TOVA, "quest": Quest, "oracle": Oracle, "knorm": KNorm, "tokenselect": TokenSelect}
 
 
 # ---- The registry: policies by name, their knobs read from the constructors ----
