@@ -194,14 +194,14 @@ def replay_check(q, k, v, pos, idx):
 def sweep():
     """Time launch configs at the two longest contexts (L/8 unsorted; dense with scores), with
     the combine kernel launched after the split pass or early (PDL); keep the best."""
-    combos = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2)]
+    combos = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2)]
     sparse, dense = {}, {}
     for T in CTXS[-2:]:
         caches = cycle([make_cache(T) for _ in range(copies(2 * HKV * T * D * ESZ))])
         idxs = cycle([make_idx(T, T // 8, False) for _ in range(8)])
         log(f"sweep T={T} (block_n, warps, stages, splits, pdl): sparse L/8 | full step + scores  [GPU us]")
         for bn, w, st in combos:
-            for sp in (16, 32, 64, 128):
+            for sp in (32, 64, 128):
                 for pdl in (False, True):
                     cfg = dict(block_n=bn, num_warps=w, num_stages=st, num_splits=sp, pdl=pdl)
                     a = bench_graph(lambda: attention_triton(*caches(), idxs(), **cfg))
@@ -334,6 +334,30 @@ for T in CTXS:
                 row(T, f"sparse Triton + scores {tag}", n + 1,
                     lambda: decode_attention(*caches(), idxs(), scores=True, kernel="triton"),
                     sp_bytes + 4 * H * (n + 1))
+    # the similarity schedule's check step: one launch, a device flag picks the pass
+    n = T // 8
+    idxs = cycle([make_idx(T, n, False) for _ in range(4)])
+    for flag in (1, 0):
+        full = torch.tensor([flag], device=DEV)
+        what = "full step + scores" if flag else "sparse L/8 unsorted"
+        row(T, f"flag={flag}: {what}", T if flag else n + 1,
+            lambda: decode_attention(*caches(), idxs(), scores=True, kernel="triton", full=full),
+            (kv_bytes + probs_bytes if flag else 2 * HKV * (n + 1) * D * ESZ + HKV * n * 4) + qo)
+    # the refresh: pooled group max and top-K of a full step's probs
+    q, k, v, pos = caches()
+    probs = decode_attention(q, k, v, pos, scores=True, kernel="triton")[1]
+    sel_bytes = probs_bytes + 12 * HKV * n                          # probs read; positions, scores written
+    for kind in ("triton", "torch"):
+        row(T, f"refresh select L/8 ({kind})", T,
+            lambda: kernels.pooled_top(probs, HKV, 7, n, pos, kernel=kind), sel_bytes)
+    out = kernels.pooled_top(probs, HKV, 7, n, pos)
+    ref = kernels.pooled_top(probs, HKV, 7, n, pos, kernel="torch")
+    same = torch.equal(out[1].sort(1).values, ref[1].sort(1).values)
+    log(f"T={T}: refresh select triton vs torch: {'same scores' if same else 'MISMATCH'}")
+    zero = torch.zeros(1, dtype=torch.int32, device=DEV)
+    row(T, "refresh select, flag=0 (skipped)", 0,
+        lambda: kernels.pooled_top(probs, HKV, 7, n, pos, out=out, flag=zero), 4 * HKV * 2048 * 3)
+    del q, k, v, pos, probs, out, ref
     empty = torch.zeros(HKV, 0, dtype=torch.int32, device=DEV)
     if not args.quick:
         row(T, "sparse Triton n=0 (fixed cost)", 1,
