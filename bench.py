@@ -2,6 +2,7 @@
 
 GPU:  PYTHONUNBUFFERED=1 python bench.py --out $OUT      (one H100 80GB, stops within --time-budget s)
 CPU:  python bench.py --cpu                               (tiny model, to check that it runs)
+Policies: --policies NAME[:knob=value,...],... from policies.POLICIES; results go to --out (out/).
 
 Each (length, policy) is one refreshkv.generate() call on a prompt of random token ids:
   prefill s   from the call to the first token (cache setup, prompt forward, the policy's prefill)
@@ -29,22 +30,21 @@ import torch
 
 import policies
 from model import ModelArgs, Transformer
-from refreshkv import generate, make_policy
+from refreshkv import generate
 
-RUNS = {"full": ("full", {}), "refreshkv-s10": ("refreshkv", {"stride": 10}),
-        "refreshkv-sim": ("refreshkv", {"stride": 5, "threshold": 0.85}), "snapkv": ("snapkv", {}),
-        "streamingllm": ("streamingllm", {}), "h2o": ("h2o", {}), "tova": ("tova", {}), "quest": ("quest", {})}
+DEFAULT_POLICIES = "full,refreshkv,refreshkv:stride=5,threshold=0.85,snapkv,streamingllm,h2o,tova,quest"
 
 p = argparse.ArgumentParser()
 p.add_argument("--cpu", action="store_true", help="tiny model on the CPU")
 p.add_argument("--lengths", help="prompt lengths, e.g. 8K,32K,64K,128K (CPU: 512,2048)")
 p.add_argument("--new-tokens", type=int, help="tokens generated per run (GPU 256, CPU 64)")
 p.add_argument("--budget", default="0.125", help="K as a fraction of the prompt or tokens")
-p.add_argument("--policies", default=",".join(RUNS))
+p.add_argument("--policies", default=DEFAULT_POLICIES,
+               help="NAME[:knob=value,...],... from policies.POLICIES (default: %(default)s)")
 p.add_argument("--layers", type=int, help="decoder layers (GPU 32, CPU 4)")
 p.add_argument("--time-budget", type=float, default=480, help="seconds; runs that would not fit are skipped")
 p.add_argument("--eager", action="store_true", help="no CUDA graphs: every step issued from Python")
-p.add_argument("--out", default=".")
+p.add_argument("--out", default="out", help="directory for bench_e2e.md and .json (default: out/)")
 args = p.parse_args()
 
 T_START = time.perf_counter()
@@ -54,12 +54,31 @@ LENGTHS = [int(x[:-1]) * 1024 if x[-1] in "kK" else int(x)
            for x in (args.lengths or ("512,2048" if args.cpu else "8K,32K,64K,128K")).split(",")]
 NEW = args.new_tokens or (64 if args.cpu else 256)
 WARMUP = 2 if args.cpu else 10  # decode steps left out of the timing (on GPU: past the first refresh)
-NAMES = [n for n in args.policies.split(",") if n]
-if NEW < WARMUP + 4 or set(NAMES) - set(RUNS):
-    p.error(f"need --new-tokens >= {WARMUP + 4} and policies among {','.join(RUNS)}")
+try:
+    SPECS = {policies.label(name, knobs): (name, knobs) for name, knobs in policies.parse_specs(args.policies)}
+except ValueError as e:
+    p.error(f"--policies: {e}")
+NAMES = list(SPECS)  # labels, e.g. "refreshkv:stride=5,threshold=0.85"
+if NEW < WARMUP + 4:
+    p.error(f"need --new-tokens >= {WARMUP + 4}")
 if args.cpu:
     torch.set_num_threads(1)  # steadier timings on a shared machine
 REAL_KERNEL, STUB_CALLS = policies.decode_attention, [0]
+
+
+def make(name, L):
+    """The policy of a --policies entry, with --budget unless the entry gives its own."""
+    kind, knobs = SPECS[name]
+    if "budget" in policies.knobs(policies.POLICIES[kind]):
+        knobs = {"budget": policies.convert(kind, "budget", args.budget), **knobs}  # a spec's own budget wins
+    return policies.build(kind, knobs, L)
+
+
+for _name in NAMES:  # bad knobs or budgets stop here, before anything runs
+    try:
+        make(_name, min(LENGTHS))
+    except ValueError as e:
+        p.error(f"{_name}: {e}")
 
 
 def sync():
@@ -117,11 +136,6 @@ def free(model, layers):
 
 def mean_ms(ts):
     return 1e3 * sum(ts) / len(ts)
-
-
-def make(name, L):
-    kind, knobs = RUNS[name]
-    return make_policy(kind, dict(knobs, budget=None if kind == "full" else args.budget), L)
 
 
 def run(model, prompt, name):
@@ -224,7 +238,7 @@ def predict(base, h2o, L, name, model, bw):
         return 0.0
     L0 = L if L in base else max(base)
     pre, step_ms = base[L0][0] * (L / L0) ** 2, base[L0][1] * L / L0
-    if name == "h2o":  # block-by-block prefill scores: ~50 bytes per (head, query, key) per layer
+    if SPECS[name][0] == "h2o":  # block-by-block prefill scores: ~50 bytes per (head, query, key) per layer
         pre += h2o[1] * (L / h2o[0]) ** 2 if h2o else len(model.layers) * model.args.n_heads * L * L / 2 * 50 / bw
     return 1.2 * pre + 1.5 * NEW * step_ms / 1e3 + 2
 
@@ -282,7 +296,8 @@ def main():
         free(model, all_layers)
         print(f"warm-up done at {time.perf_counter() - T_START:.0f} s", flush=True)
     # Every policy but h2o at every length first; h2o's O(L^2) prefill takes what time is left.
-    order = [(L, n) for L in LENGTHS for n in NAMES if n != "h2o"] + [(L, "h2o") for L in LENGTHS if "h2o" in NAMES]
+    h2o_runs = [n for n in NAMES if SPECS[n][0] == "h2o"]
+    order = [(L, n) for L in LENGTHS for n in NAMES if n not in h2o_runs] + [(L, n) for L in LENGTHS for n in h2o_runs]
     prompts = {L: torch.randint(0, model.args.vocab_size, (L,), generator=gen).tolist() for L in LENGTHS}
     rows, base, h2o = [], {}, None
     for L, name in order:
@@ -296,9 +311,9 @@ def main():
             row["floor_ms"] = floor_ms(model, row["layers"], row["read"], bw)
             if row["layers"] < len(all_layers):
                 row["note"] = f"fewer layers ({row['layers']}): did not fit"
-            if name != "h2o" and L not in base:
+            if name not in h2o_runs and L not in base:
                 base[L] = (row["prefill_s"], row["ms"])
-            if name == "h2o" and base.get(L):
+            if name in h2o_runs and base.get(L):
                 h2o = (L, max(0.0, row["prefill_s"] - base[L][0]))
             if row["captures"]:
                 row["note"] = (row.get("note", "") + f" {row['captures']} capture step(s) left out").strip()
