@@ -17,7 +17,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import ModelArgs, Transformer  # noqa: E402
-from refreshkv import generate, make_policy  # noqa: E402
+import policies  # noqa: E402
+from refreshkv import generate  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--length", type=int, default=131072)
@@ -37,8 +38,8 @@ with torch.no_grad():
     for w in model.parameters():
         w.fill_(1.0) if w.dim() == 1 else w.normal_(0.0, 0.02)
 prompt = torch.randint(0, margs.vocab_size, (args.length,)).tolist()
-knobs = {} if args.policy == "full" else dict(budget="0.125", stride=args.stride)
-policy = make_policy(args.policy, knobs, args.length)
+knobs = {} if args.stride is None else dict(stride=args.stride)
+policy = policies.build(args.policy, knobs, args.length)  # budget: the default, L/8
 warm, n = 12, args.steps
 gen = generate(model, prompt, policy, warm + n + 1)
 for _ in range(warm):
