@@ -85,17 +85,18 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        # q, k and v projections stacked by rows: one matrix product (checkpoints store them apart)
+        self.sizes = [args.n_heads * args.head_dim] + 2 * [args.n_kv_heads * args.head_dim]
+        self.wqkv = nn.Linear(args.dim, sum(self.sizes), bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache_k = self.cache_v = None  # [Hkv, max_len, D] once setup_cache is called
 
     def forward(self, x, cos, sin, pos=None, policy=None):
         B, L, _ = x.shape
-        q = self.wq(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
-        k = self.wk(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, D]
-        v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.wqkv(x).split(self.sizes, dim=-1)
+        q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
+        k = k.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, D]
+        v = v.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q_raw = q
         q, k = apply_rope(torch.cat([q, k], 1), cos, sin).split([self.n_heads, self.n_kv_heads], 1)  # one pass
         if pos is None:  # training, no cache: causal attention, or a training-time policy's (train.py)
@@ -120,12 +121,12 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim, hidden_dim):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w13 = nn.Linear(dim, 2 * hidden_dim, bias=False)  # gate and up stacked: one product
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -187,18 +188,20 @@ class Transformer(nn.Module):
 # ---- Hugging Face layout: config.json, *.safetensors, tokenizer.model ----
 
 def hf_names(args):
-    """Our parameter name -> the Hugging Face LlamaForCausalLM name."""
-    names = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    """Our parameter name -> the Hugging Face LlamaForCausalLM names of the tensors it stacks by
+    rows, with their row counts: (name, rows) pairs; rows None is the whole tensor."""
+    names = {"tok_embeddings.weight": [("model.embed_tokens.weight", None)], "norm.weight": [("model.norm.weight", None)]}
     if not args.tie_embeddings:
-        names["output.weight"] = "lm_head.weight"
-    pairs = [("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"),
-             ("attention.wv", "self_attn.v_proj"), ("attention.wo", "self_attn.o_proj"),
-             ("feed_forward.w1", "mlp.gate_proj"), ("feed_forward.w2", "mlp.down_proj"),
-             ("feed_forward.w3", "mlp.up_proj"), ("attention_norm", "input_layernorm"),
-             ("ffn_norm", "post_attention_layernorm")]
+        names["output.weight"] = [("lm_head.weight", None)]
+    q, kv, hidden = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim, args.hidden_dim
+    parts = {"attention.wqkv": [("self_attn.q_proj", q), ("self_attn.k_proj", kv), ("self_attn.v_proj", kv)],
+             "attention.wo": [("self_attn.o_proj", None)],
+             "feed_forward.w13": [("mlp.gate_proj", hidden), ("mlp.up_proj", hidden)],
+             "feed_forward.w2": [("mlp.down_proj", None)], "attention_norm": [("input_layernorm", None)],
+             "ffn_norm": [("post_attention_layernorm", None)]}
     for i in range(args.n_layers):
-        for ours, hf in pairs:
-            names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{hf}.weight"
+        for ours, hf in parts.items():
+            names[f"layers.{i}.{ours}.weight"] = [(f"model.layers.{i}.{n}.weight", rows) for n, rows in hf]
     return names
 
 
@@ -309,10 +312,13 @@ def load(path, device="cpu", dtype=torch.float32):
     args = args_from_config(cfg)
     with torch.device("meta"):
         model = Transformer(args)
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    ours_shapes = {k: v.shape for k, v in model.state_dict().items()}
     names = hf_names(args)
-    to_ours = {hf: ours for ours, hf in names.items()}
-    state = {}
+    shapes = {}  # Hugging Face name -> shape, from ours (stacked ones split by rows)
+    for ours, parts in names.items():
+        shape = ours_shapes[ours]
+        shapes.update({hf: shape if rows is None else torch.Size((rows, *shape[1:])) for hf, rows in parts})
+    tensors = {}
     for file in safetensors_files(path):
         try:
             with safe_open(str(file), framework="pt", device=str(device)) as f:
@@ -321,20 +327,23 @@ def load(path, device="cpu", dtype=torch.float32):
                         continue  # some checkpoints store rope frequencies; we compute them
                     if key == "lm_head.weight" and args.tie_embeddings:
                         continue  # tied: the output layer is the embedding (as in transformers)
-                    if key not in to_ours:
+                    if key not in shapes:
                         raise CheckpointError(f"unexpected tensor {key} in {file.name}")
                     t = f.get_tensor(key)
-                    if t.shape != shapes[to_ours[key]]:
+                    if t.shape != shapes[key]:
                         raise CheckpointError(f"tensor {key} has shape {tuple(t.shape)}, config says "
-                                              f"{tuple(shapes[to_ours[key]])}")
-                    state[to_ours[key]] = t.to(dtype)
+                                              f"{tuple(shapes[key])}")
+                    tensors[key] = t.to(dtype)
         except CheckpointError:
             raise
         except Exception as e:  # a truncated or corrupt file
             raise CheckpointError(f"cannot read {file}: {first_line(e)}") from None
-    missing = [name for name in names if name not in state]
+    missing = [hf for hf in shapes if hf not in tensors]
     if missing:
-        raise CheckpointError(f"checkpoint lacks {names[missing[0]]} ({len(missing)} tensors missing)")
+        raise CheckpointError(f"checkpoint lacks {missing[0]} ({len(missing)} tensors missing)")
+    state = {}
+    for ours, parts in names.items():  # q/k/v and gate/up stacked, one layer at a time
+        state[ours] = torch.cat([tensors.pop(hf) for hf, _ in parts]) if len(parts) > 1 else tensors.pop(parts[0][0])
     if args.tie_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, assign=True)
@@ -350,7 +359,10 @@ def save(model, path, tokenizer, shard_bytes=None):
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config_from_args(model.args, model.norm.weight.dtype), indent=2))
     params = dict(model.named_parameters(remove_duplicate=False))
-    tensors = {hf: params[ours].detach().contiguous() for ours, hf in hf_names(model.args).items()}
+    tensors = {}
+    for ours, parts in hf_names(model.args).items():  # stacked ones split back by rows
+        pieces = params[ours].detach().split([rows or params[ours].shape[0] for _, rows in parts])
+        tensors.update({hf: t.contiguous() for (hf, _), t in zip(parts, pieces)})
     shards, size = [[]], 0
     for name, t in tensors.items():
         if shard_bytes and shards[-1] and size + t.nbytes > shard_bytes:
