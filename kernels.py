@@ -594,6 +594,97 @@ def pooled_top(probs, n_kv, pool, k, last=None, out=None, flag=None, kernel="aut
     return out
 
 
+# ----------------------------------------------------------------------------- decode step: fused small ops
+# One decoded token (batch 1) runs ~25 tiny elementwise kernels per layer in PyTorch; these fuse
+# them (model.py uses them on CUDA for decode steps). Each rounds where PyTorch's ops round, so
+# results match the PyTorch path to the last bit or one bf16 ulp.
+
+if triton is not None:
+
+    @triton.jit
+    def _rmsnorm_kernel(x_ptr, y_ptr, w_ptr, h_ptr, n_ptr, eps, DIM: tl.constexpr, BLOCK: tl.constexpr,
+                        ADD: tl.constexpr):
+        """One row: (with ADD) h = x + y; n = w * rmsnorm(h) (normalised in float32, cast, scaled)."""
+        row = tl.program_id(0)
+        c = tl.arange(0, BLOCK)
+        m = c < DIM
+        x = tl.load(x_ptr + row * DIM + c, mask=m, other=0.0)
+        if ADD:
+            x = (x.to(tl.float32) + tl.load(y_ptr + row * DIM + c, mask=m, other=0.0).to(tl.float32)).to(x.dtype)
+            tl.store(h_ptr + row * DIM + c, x, mask=m)
+        xf = x.to(tl.float32)
+        r = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / DIM + eps)
+        nrm = (xf * r).to(x.dtype).to(tl.float32)
+        w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
+        tl.store(n_ptr + row * DIM + c, (w * nrm).to(x.dtype), mask=m)
+
+    @triton.jit
+    def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, sk0, sk1, sv0, sv1,
+                           H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr):
+        """Program r of H + 2 Hkv rows of qkv [H + 2 Hkv, D]: rotary embedding ('rotate half') of a
+        query head into q, of a key head into the cache at pos; a value row into the cache as is."""
+        r = tl.program_id(0)
+        d = tl.arange(0, D)
+        x = tl.load(qkv_ptr + r * D + d)
+        cur = tl.load(pos_ptr).to(tl.int64)
+        if r < H + HKV:
+            half = (d + D // 2) % D                   # rotate half: (-x2, x1)
+            rot = tl.load(qkv_ptr + r * D + half).to(tl.float32)
+            rot = tl.where(d < D // 2, -rot, rot)
+            a = (x.to(tl.float32) * tl.load(cos_ptr + d).to(tl.float32)).to(x.dtype)
+            b = (rot * tl.load(sin_ptr + d).to(tl.float32)).to(x.dtype)
+            y = (a.to(tl.float32) + b.to(tl.float32)).to(x.dtype)
+            if r < H:
+                tl.store(q_ptr + r * D + d, y)
+            else:
+                tl.store(k_ptr + (r - H) * sk0 + cur * sk1 + d, y)
+        else:
+            tl.store(v_ptr + (r - H - HKV) * sv0 + cur * sv1 + d, x)
+
+    @triton.jit
+    def _silu_mul_kernel(gu_ptr, out_ptr, HID: tl.constexpr, BLOCK: tl.constexpr):
+        """silu(gate) * up for gate, up the two halves of one row, rounded as PyTorch's two ops."""
+        c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = c < HID
+        g = tl.load(gu_ptr + c, mask=m, other=0.0)
+        u = tl.load(gu_ptr + HID + c, mask=m, other=0.0).to(tl.float32)
+        gf = g.to(tl.float32)
+        s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
+        tl.store(out_ptr + c, (s * u).to(g.dtype), mask=m)
+
+
+def rmsnorm(x, w, eps, residual=None):
+    """w * rms_norm(x) for the rows of x [..., dim] (contiguous), as model.RMSNorm computes it; with
+    residual: (x + residual, w * rms_norm(x + residual)), the sum made in the same kernel."""
+    dim = x.shape[-1]
+    n = torch.empty_like(x)
+    h = torch.empty_like(x) if residual is not None else n
+    _rmsnorm_kernel[(x.numel() // dim,)](x, x if residual is None else residual, w, h, n, eps, DIM=dim,
+                                         BLOCK=triton.next_power_of_2(dim), ADD=residual is not None,
+                                         num_warps=8 if dim >= 2048 else 4)
+    return n if residual is None else (h, n)
+
+
+def rope_cache_write(qkv, cos, sin, cache_k, cache_v, pos, n_heads):
+    """qkv [(H + 2 Hkv) * D] one token's projections; cos, sin [D] -> q [H, D] with rotary embedding;
+    k (rotated) and v written into the caches [Hkv, N, D] at pos, all in one launch."""
+    Hkv, _, D = cache_k.shape
+    q = torch.empty(n_heads, D, dtype=qkv.dtype, device=qkv.device)
+    _rope_cache_kernel[(n_heads + 2 * Hkv,)](qkv, cos, sin, q, cache_k, cache_v, pos, cache_k.stride(0),
+                                             cache_k.stride(1), cache_v.stride(0), cache_v.stride(1),
+                                             H=n_heads, HKV=Hkv, D=D, num_warps=1)
+    return q
+
+
+def silu_mul(gu):
+    """gu [2 * hidden] (gate then up) -> silu(gate) * up [hidden]."""
+    hid = gu.shape[-1] // 2
+    out = torch.empty(hid, dtype=gu.dtype, device=gu.device)
+    block = min(1024, triton.next_power_of_2(hid))
+    _silu_mul_kernel[(triton.cdiv(hid, block),)](gu, out, HID=hid, BLOCK=block, num_warps=4)
+    return out
+
+
 # ----------------------------------------------------------------------------- dispatch
 
 def _check(q, k, v, pos, idx):

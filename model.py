@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import kernels
 from kernels import decode_attention
 from tokenizer import Tokenizer
 
@@ -64,6 +65,12 @@ def rope_frequencies(args):
     return torch.where((wavelen >= old / hi) & (wavelen <= old / lo), mid, scaled)
 
 
+def fused_step(x, pos):
+    """A decode step (one token, batch 1) on CUDA: norms, rotary embedding with the cache write and
+    silu * up run as fused Triton kernels (kernels.py), the same numbers in fewer launches."""
+    return pos is not None and x.shape[1] == 1 and x.is_cuda and kernels.triton is not None
+
+
 def apply_rope(x, cos, sin):
     """Rotary embedding in the 'rotate half' form of Hugging Face checkpoints. x [B, H, L, D]."""
     x1, x2 = x.chunk(2, dim=-1)
@@ -93,6 +100,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, pos=None, policy=None):
         B, L, _ = x.shape
+        if fused_step(x, pos):
+            return self.decode_fused(x, cos, sin, pos, policy)
         q, k, v = self.wqkv(x).split(self.sizes, dim=-1)
         q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
         k = k.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, D]
@@ -117,6 +126,17 @@ class Attention(nn.Module):
                 y = decode_attention(q[0, :, 0], self.cache_k, self.cache_v, pos)[0][None, :, None]
         return self.wo(y.transpose(1, 2).reshape(B, L, -1))
 
+    def decode_fused(self, x, cos, sin, pos, policy):
+        """The decode branch of forward in one projection and one launch for rope and the cache write."""
+        qkv = self.wqkv(x).view(-1)
+        q_raw = qkv[:self.sizes[0]].view(self.n_heads, self.head_dim)
+        q = kernels.rope_cache_write(qkv, cos.view(-1), sin.view(-1), self.cache_k, self.cache_v, pos, self.n_heads)
+        if policy is not None:
+            y = policy.attend(self.layer_id, q, self.cache_k, self.cache_v, pos, q_raw)
+        else:
+            y = decode_attention(q, self.cache_k, self.cache_v, pos)[0]
+        return self.wo(y.view(1, 1, -1))
+
 
 class FeedForward(nn.Module):
     def __init__(self, dim, hidden_dim):
@@ -124,7 +144,9 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(dim, 2 * hidden_dim, bias=False)  # gate and up stacked: one product
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
 
-    def forward(self, x):
+    def forward(self, x, fused=False):
+        if fused:  # one token: silu * up in one launch
+            return self.w2(kernels.silu_mul(self.w13(x).view(-1)).view(1, 1, -1))
         gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
 
@@ -138,6 +160,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, cos, sin, pos=None, policy=None):
+        if fused_step(x, pos):  # the norms in one launch each, the residual add inside the second
+            eps = self.attention_norm.eps
+            a = self.attention(kernels.rmsnorm(x, self.attention_norm.weight, eps), cos, sin, pos, policy)
+            h, n = kernels.rmsnorm(x, self.ffn_norm.weight, eps, residual=a)
+            return h + self.feed_forward(n, fused=True)
         h = x + self.attention(self.attention_norm(x), cos, sin, pos, policy)
         return h + self.feed_forward(self.ffn_norm(h))
 

@@ -531,3 +531,60 @@ def test_full_flag_launches_do_not_depend_on_flag(monkeypatch):
         decode_attention(q, k, v, pos, idx, scores=True, kernel="triton", full=torch.tensor([flag], device=DEV))
         seen.append((split.launches, combine.launches))
     assert seen[0] == seen[1]
+
+
+# ----------------------------------------------------------------------------- decode step: fused small ops
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_step_ops(dtype):
+    """rmsnorm (with and without the residual add), rotary embedding with the cache write, and
+    silu * up against model.py's PyTorch ops (bf16: one ulp, the interpreter truncates)."""
+    import model
+    gen = torch.Generator().manual_seed(3)
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(dtype).to(DEV)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # float32: sqrt and exp approximations differ
+    dim, H, Hkv, D, N = 96, 4, 2, 32, 20
+    x, y = rnd(1, 1, dim), rnd(1, 1, dim)
+    norm = model.RMSNorm(dim, 1e-5).to(dtype).to(DEV)
+    norm.weight.data = rnd(dim)
+    close(kernels.rmsnorm(x, norm.weight, 1e-5), norm(x), tol)
+    h, n = kernels.rmsnorm(x, norm.weight, 1e-5, residual=y)
+    close(h, x + y, tol)
+    close(n, norm(x + y), tol)
+    qkv, pos = rnd((H + 2 * Hkv) * D), torch.tensor([7], device=DEV)
+    freqs = torch.outer(pos.float(), model.rope_frequencies(model.ModelArgs(dim=H * D, n_heads=H)).to(DEV))
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    ck, cv = rnd(Hkv, N, D), rnd(Hkv, N, D)
+    want_k, want_v = ck.clone(), cv.clone()
+    q, k, v = qkv.split([H * D, Hkv * D, Hkv * D])
+    rot = model.apply_rope(torch.cat([q.view(H, D), k.view(Hkv, D)])[None, :, None], cos, sin)[0, :, 0]
+    want_k[:, 7], want_v[:, 7] = rot[H:], v.view(Hkv, D)
+    got = kernels.rope_cache_write(qkv, cos[0], sin[0], ck, cv, pos, H)
+    close(got, rot[:H], tol)
+    close(ck, want_k, tol)
+    assert torch.equal(cv, want_v)
+    gu = rnd(2 * 100)
+    close(kernels.silu_mul(gu), torch.nn.functional.silu(gu[:100]) * gu[100:], tol)
+
+
+@needs_triton
+def test_model_decode_step_fused(monkeypatch):
+    """model.py's fused decode branch (taken on CUDA) gives the logits and caches of its PyTorch one."""
+    import model
+    torch.manual_seed(0)
+    m = model.Transformer(model.ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50,
+                                          hidden_dim=96, max_seq_len=32)).to(DEV)
+    tokens = torch.randint(0, 50, (1, 12), device=DEV)
+    runs = []
+    for fused in (False, True):
+        monkeypatch.setattr(model, "fused_step", lambda x, pos: fused and pos is not None and x.shape[1] == 1)
+        m.setup_cache(32)
+        with torch.no_grad():
+            m(tokens[:, :10], start_pos=0)
+            logits = [m(tokens[:, i:i + 1], start_pos=torch.tensor([i], device=DEV)) for i in (10, 11)]
+        runs.append((torch.cat(logits), m.layers[1].attention.cache_k[:, :12].clone(),
+                     m.layers[1].attention.cache_v[:, :12].clone()))
+    for a, b in zip(*runs):
+        close(a, b, 1e-5)
