@@ -445,7 +445,7 @@ class TokenSelect(Policy):
         return self.run(q, k, v, pos, positions(chosen[0], self.n_kv), extra=(pos + 1) // 2)[0]
 
     def stats(self):
-        return dict(super().stats(), reused=int(self.reused))
+        return dict(super().stats(), reused_steps=int(self.reused))
 
 
 POLICIES = {"full": Full, "refreshkv": RefreshKV, "streamingllm": StreamingLLM, "snapkv": SnapKV,

@@ -691,6 +691,6 @@ def test_tokenselect_votes_per_head_and_reuses_while_the_query_is_similar():
     p.attend(0, q_a, k, k, torch.tensor([9]), q_a)  # first step selects: one vote from each head
     assert sorted(seen[-1][1][0].tolist()) == [3, 8]
     p.attend(0, q_a, k, k, torch.tensor([10]), q_a)  # the same query: reuse; 9 joins instead of the lowest vote
-    assert sorted(seen[-1][1][0].tolist()) in ([3, 9], [8, 9]) and p.stats()["reused"] == 1
+    assert sorted(seen[-1][1][0].tolist()) in ([3, 9], [8, 9]) and p.stats()["reused_steps"] == 1
     p.attend(0, q_b, k, k, torch.tensor([11]), q_b)  # the query turned: select again, 5 first
-    assert 5 in seen[-1][1][0].tolist() and p.stats()["reused"] == 1
+    assert 5 in seen[-1][1][0].tolist() and p.stats()["reused_steps"] == 1
