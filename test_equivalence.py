@@ -64,6 +64,47 @@ def run(case, policy, **kw):
     return [t for t, _ in out], torch.stack([l for _, l in out])
 
 
+# ---- The registry: specs, knobs, budgets, labels ----
+
+def test_parse_specs_build_and_label():
+    specs = policies.parse_specs("full,refreshkv:stride=5,pool=31,snapkv,refreshkv:threshold=none,refresh-only=true")
+    assert specs == [("full", {}), ("refreshkv", {"stride": 5, "pool": 31}), ("snapkv", {}),
+                     ("refreshkv", {"threshold": None, "refresh_only": True})]
+    assert [policies.label(*s) for s in specs] == ["full", "refreshkv:stride=5,pool=31", "snapkv", "refreshkv:refresh_only=true"]
+    assert policies.parse_specs(policies.label("tokenselect", {"threshold": 0.75, "budget": 0.25})) == \
+        [("tokenselect", {"threshold": 0.75, "budget": 0.25})]
+    assert policies.build("refreshkv", {}, 800).budget == 100  # K = L/8 by default
+    assert policies.build("snapkv", policies.parse_specs("snapkv:budget=0.25")[0][1], 800).budget == 200
+    assert policies.build("tova", policies.parse_specs("tova:budget=64")[0][1], 800).budget == 64
+    assert isinstance(policies.build("full", {}, 800), Policy)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("nope", "unknown policy 'nope'"), ("snapkv:stride=5", "snapkv takes no knob 'stride'"),
+    ("refreshkv:stride=x", "stride wants int, got 'x'"), ("pool=3", "before any policy"),
+    ("refreshkv:stride", "needs a value"), ("refreshkv:budget=lots", "a number of tokens or a fraction"),
+    ("refreshkv:refresh_only=maybe", "wants bool"), ("full:budget=8", "full takes no knob 'budget'")])
+def test_parse_specs_names_what_is_wrong(text, message):
+    with pytest.raises(ValueError, match=message):
+        policies.parse_specs(text)
+
+
+@pytest.mark.parametrize("budget, message", [(0, "at least 1 token"), (1.5, r"fraction must lie in \(0, 1\]")])
+def test_build_refuses_impossible_budgets(budget, message):
+    with pytest.raises(ValueError, match=message):
+        policies.build("refreshkv", {"budget": budget}, 100)
+
+
+def test_knobs_of_a_subclass_that_forwards_kwargs():
+    class Jittered(RefreshKV):
+        def __init__(self, jitter: float = 0.5, **kwargs):
+            super().__init__(**kwargs)
+            self.jitter = jitter
+    found = policies.knobs(Jittered)
+    assert list(found) == ["jitter", "budget", "stride", "threshold", "refresh_only", "pool"]
+    assert found["jitter"].annotation is float and found["stride"].default == 10
+
+
 # ---- P1, P3: refreshkv with a full step at every step is full attention, bitwise ----
 
 @SETTINGS
