@@ -359,18 +359,19 @@ def column_scores_triton(q, k, block_q=None, block_k=None, num_warps=None):
 COLUMN_CONFIG = dict(block_q=64, block_k=64, num_warps=4)  # CUDA; bench_attention.py --prefill
 
 
-def column_scores(q, k, kernel="auto"):
+def column_scores(q, k, kernel="auto", block=256):
     """H2O's accumulated prompt scores. q [H, L, D] the prompt's queries, k [Hkv, L, D] its keys
     (GQA: query head h uses KV head h // (H // Hkv)) -> [Hkv, L] float32: for position j, the sum
     over queries i >= j of the largest causal-softmax probability any of the group's heads gives j.
-    Never builds an L x L matrix. kernel: "torch", "triton", or "auto" (Triton on CUDA)."""
+    Never builds an L x L matrix. kernel: "torch" (`block` queries at a time), "triton" (two passes
+    over tiles), or "auto" (Triton on CUDA)."""
     if q.dim() != 3 or k.dim() != 3 or q.shape[1:] != k.shape[1:] or q.shape[0] % k.shape[0] \
             or q.dtype != k.dtype or q.device != k.device:
         raise ValueError(f"want q [H, L, D] and k [Hkv, L, D] alike; got {tuple(q.shape)}, {tuple(k.shape)}")
     if kernel == "auto":
         kernel = "triton" if q.device.type == "cuda" and triton is not None else "torch"
     if kernel == "torch":
-        return column_scores_torch(q, k)
+        return column_scores_torch(q, k, block)
     if kernel != "triton" or triton is None or (q.device.type != "cuda" and not INTERPRET):
         raise ValueError(f"kernel={kernel!r}: use 'torch', or 'triton' on CUDA or under TRITON_INTERPRET=1")
     if q.shape[2] < 16 or q.shape[2] & (q.shape[2] - 1):
