@@ -319,7 +319,9 @@ class NoHostReads(TorchDispatchMode):
         self.name, self.where = name, where
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in HOST_READS and not IN_KERNEL[0]:
+        masks = func.overloadpacket in (torch.ops.aten.index, torch.ops.aten.index_put, torch.ops.aten.index_put_) and \
+            any(i is not None and i.dtype == torch.bool for i in args[1])  # x[mask]: a shape from the mask's values
+        if (func.overloadpacket in HOST_READS or masks) and not IN_KERNEL[0]:
             raise GraphRuleBroken(
                 f"{self.name}: rule 1 (no host sync) broken: attend ran {func} at {self.where()}, which reads a "
                 f"tensor on the host (.item(), int(t), float(t), bool(t), `if t:`, .tolist(), or a data-dependent "
@@ -380,7 +382,7 @@ def check_graph_safety(name, policy, fresh_policy, case):
     steps (plan not None) and the same selection shapes at every step of a plan; then the same
     generation with every plan's first step captured in a CpuGraph and replayed, token for token."""
     plan_of, shapes, step = {}, {}, [0]
-    plan, attend, run_ = policy.plan, policy.attend, policy.run
+    plan, attend, inner_run = policy.plan, policy.attend, policy.run
 
     def plan_wrapper(t):
         step[0] = t
@@ -398,7 +400,7 @@ def check_graph_safety(name, policy, fresh_policy, case):
         if p is not None:
             got = shapes.setdefault((p, step[0]), [])
             got.append(None if idx is None else tuple(idx.shape))
-        return run_(q, k, v, pos, idx, scores, extra)
+        return inner_run(q, k, v, pos, idx, scores, extra)
 
     policy.plan, policy.attend, policy.run = plan_wrapper, attend_wrapper, run_wrapper
     kernel = policies.decode_attention
@@ -491,6 +493,19 @@ class CountsInPython(StreamingLLM):
 def test_graph_check_catches_each_broken_rule(broken, rule):
     with pytest.raises(GraphRuleBroken, match=rule.replace("(", r"\(").replace(")", r"\)")):
         check_graph_safety(broken.__name__, broken(8), broken(8), GRAPH_CASE)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_graph_replay_matches_running_each_step(name):
+    model = tiny_model(0, 3, 2, 2).to(DEV)
+    prompt = torch.randint(0, 64, (200,), generator=torch.Generator().manual_seed(1)).tolist()
+    knobs = {"stride": 4} if name == "refreshkv" else {}
+    eager = list(generate(model, prompt, make(name, 24, **knobs), 40, graphs=False))
+    graphs = {}
+    replayed = list(generate(model, prompt, make(name, 24, **knobs), 40, graphs=graphs))
+    assert graphs and [t for t, _ in replayed] == [t for t, _ in eager]
+    torch.testing.assert_close(torch.stack([l for _, l in replayed]), torch.stack([l for _, l in eager]))
 
 
 # ---- Hand-made scores: each policy's selection where the right answer can be written down ----
