@@ -9,15 +9,16 @@ Each (length, policy) is one refreshkv.generate() call on a prompt of random tok
   ms/step     mean host time between decoded tokens (greedy sampling syncs once per step), over
               the steps after WARMUP; every step counts except the first of each plan, which runs
               as is and is then captured in a CUDA graph (the note counts them)
-  graph       share of the timed steps replayed from a CUDA graph (refreshkv's similarity check steps
-              read a value on the host and run without one)
+  graph       share of the timed steps replayed from a CUDA graph (all but steps whose plan is None,
+              e.g. refresh-only's similarity checks, which read a value on the host)
   no-graph ms mean host time inside the model's forward, over the timed steps run without a graph
-              (--eager: all; refreshkv-sim: its check steps, whose forward syncs once per layer to
-              read the similarity); close to ms/step means the step waits on the CPU
+              (--eager: all); close to ms/step means the step waits on the CPU
   capture ms  mean time of the steps that ran a plan for the first time and captured its graph
   floor ms    (weight bytes + the K/V bytes the policy read) / copy bandwidth measured in this run
   bookkeep    the steps after the timed ones run with the attention kernel swapped for a stub (right
               shapes, reads nothing): (stub ms/step of the policy - stub ms/step of full) / ms/step
+--peer adds Hugging Face transformers' LlamaForCausalLM on the same shapes (tools/peer_hf.py; SDPA,
+a Python loop of forward calls, at most 64 new tokens) after our model's weights are freed.
 """
 import argparse
 import gc
@@ -44,6 +45,8 @@ p.add_argument("--policies", default=DEFAULT_POLICIES,
 p.add_argument("--layers", type=int, help="decoder layers (GPU 32, CPU 4)")
 p.add_argument("--time-budget", type=float, default=480, help="seconds; runs that would not fit are skipped")
 p.add_argument("--eager", action="store_true", help="no CUDA graphs: every step issued from Python")
+p.add_argument("--peer", action="store_true",
+               help="add Hugging Face transformers' LlamaForCausalLM at each length (tools/peer_hf.py; GPU)")
 p.add_argument("--out", default="out", help="directory for bench_e2e.md and .json (default: out/)")
 args = p.parse_args()
 
@@ -119,10 +122,11 @@ def copy_bandwidth():
     return 2 * x.nbytes * 10 / best
 
 
-def stub(q, k, v, pos, idx=None, scores=False, kernel="auto"):
-    """Stands in for decode_attention when timing the bookkeeping: right shapes, no cache reads."""
+def stub(q, k, v, pos, idx=None, scores=False, kernel="auto", count=None, full=None):
+    """Stands in for decode_attention when timing the bookkeeping: right shapes, no cache reads
+    (nor counts: the real kernel counts inside its own launch)."""
     STUB_CALLS[0] += 1
-    n = k.shape[1] if idx is None else idx.shape[1] + 1
+    n = k.shape[1] if idx is None or full is not None else idx.shape[1] + 1
     return q.clone(), (torch.full((q.shape[0], n), 1.0 / n, device=q.device) if scores else None)
 
 
@@ -278,6 +282,34 @@ def report(rows, model, bw):
     return text
 
 
+def peer_rows(model, all_layers):
+    """transformers' LlamaForCausalLM (SDPA, a Python loop of forward calls) on the same shapes,
+    after our model's weights are freed; at most 64 new tokens per length."""
+    try:
+        from tools import peer_hf
+    except ImportError as e:
+        return [dict(length=L, policy="transformers (peer)", note=f"not run: {e}"[:80]) for L in LENGTHS]
+    model.to("meta")  # our weights leave the GPU (model.args stays for the report)
+    free(model, all_layers)
+    rows, new = [], min(NEW, 64)
+    try:
+        peer = peer_hf.build(len(all_layers), max(LENGTHS) + new)
+    except ImportError:
+        return [dict(length=L, policy="transformers (peer)", note="not run: transformers not installed") for L in LENGTHS]
+    for L in LENGTHS:
+        row = dict(length=L, policy="transformers (peer)", layers=len(all_layers))
+        left = args.time_budget - (time.perf_counter() - T_START)
+        if left < 2 * L / 1024 * 0.1 + new * 0.1 + 5:  # ~0.1 s per 1K of prefill, ~0.1 s per step
+            row["note"] = f"skipped: {left:.0f} s left"
+        else:
+            prefill, ms = peer_hf.run(peer, L, new)
+            row.update(prefill_s=prefill, ms=ms, stub_ms=None, note=f"{new} new tokens, {peer_hf.WARMUP} warm-up")
+        rows.append(row)
+        print(f"{L:>7} peer {row}", flush=True)
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main():
     model = build()
     all_layers = model.layers
@@ -321,6 +353,8 @@ def main():
         print(f"{L:>7} {name:<14} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                for k, v in row.items() if k not in ("length", "policy")), flush=True)
         report(rows, model, bw)  # after every row, so a killed run still leaves its numbers
+    if args.peer and DEV == "cuda":
+        rows += peer_rows(model, all_layers)
     print("\n" + report(rows, model, bw), flush=True)
     print(f"wrote {args.out}/bench_e2e.md and .json, {time.perf_counter() - T_START:.0f} s in all", flush=True)
 
