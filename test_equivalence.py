@@ -215,9 +215,9 @@ def record_selections(policy):
     """Wrap policy.run to record (T, idx) of every attention the policy runs (T = positions so far)."""
     seen, inner = [], policy.run
 
-    def run(q, k, v, pos, idx=None, scores=False, extra=None):
+    def run(q, k, v, pos, idx=None, *args, **kwargs):
         seen.append((int(pos) + 1, None if idx is None else idx.clone()))
-        return inner(q, k, v, pos, idx, scores, extra)
+        return inner(q, k, v, pos, idx, *args, **kwargs)
     policy.run = run
     return seen
 
@@ -395,12 +395,12 @@ def check_graph_safety(name, policy, fresh_policy, case):
         with NoHostReads(name, lambda: f"token {step[0]}, layer {layer}, plan {plan_of[step[0]]!r}"):
             return attend(layer, q, k, v, pos, q_raw)
 
-    def run_wrapper(q, k, v, pos, idx=None, scores=False, extra=None):
+    def run_wrapper(q, k, v, pos, idx=None, *args, **kwargs):
         p = plan_of.get(step[0])
         if p is not None:
             got = shapes.setdefault((p, step[0]), [])
             got.append(None if idx is None else tuple(idx.shape))
-        return inner_run(q, k, v, pos, idx, scores, extra)
+        return inner_run(q, k, v, pos, idx, *args, **kwargs)
 
     policy.plan, policy.attend, policy.run = plan_wrapper, attend_wrapper, run_wrapper
     kernel = policies.decode_attention
@@ -528,7 +528,7 @@ def fake_attention(monkeypatch, probs_for):
     """Make decode_attention return hand-made probabilities probs_for(T, idx) and record idx."""
     calls = []
 
-    def attention(q, k, v, pos, idx=None, scores=False, kernel="auto"):
+    def attention(q, k, v, pos, idx=None, scores=False, kernel="auto", **kwargs):
         calls.append(None if idx is None else idx.clone())
         return torch.zeros_like(q), probs_for(int(pos) + 1, idx) if scores else None
     monkeypatch.setattr(policies, "decode_attention", attention)
@@ -719,6 +719,9 @@ def test_oracle_attends_to_the_top_k_of_this_step(monkeypatch):
     assert calls[0] is None and sorted(calls[1][0].tolist()) == [1, 2]  # group max .2 .5 .4 .3
     c = p.stats()
     assert c["full"] == 1 and c["read"] == 5 + 3
+    probs[0, 4] = 0.9  # the current token scores highest: attended anyway, it takes no past position's slot
+    p.attend(0, q, k, v, pos, q)
+    assert sorted(calls[-1][0].tolist()) == [1, 2]
 
 
 def test_knorm_keeps_the_smallest_key_norms_and_generated(monkeypatch):
