@@ -27,7 +27,7 @@ import typing
 import torch
 import torch.nn.functional as F
 
-from kernels import decode_attention
+from kernels import column_scores, decode_attention, pooled_top
 
 
 def group_max(probs, n_kv):
@@ -92,10 +92,10 @@ class Policy:
 
     def prefill(self, layer, q, k, q_raw):
         self.n_kv, self.prompt_len = k.shape[0], q.shape[1]
-        if layer == 0 or not hasattr(self, "count"):  # steps, full, attended, read, dense; summed over layer-steps
-            self.count = torch.zeros(5, dtype=torch.long, device=k.device)  # positions summed over KV heads
+        if layer == 0 or not hasattr(self, "count"):  # steps, full, read besides attended, attended, dense
+            self.count = torch.zeros(5, dtype=torch.long, device=k.device)  # positions summed over KV heads, layer-steps
             self.adds = {kind: torch.tensor(a, device=k.device)  # what each call adds to (steps, full)
-                         for kind, a in (("partial", [1, 0]), ("full", [1, 1]), ("score pass", [0, 1]))}
+                         for kind, a in (("partial", [1, 0]), ("full", [1, 1]))}
 
     def plan(self, t):
         """Called on the host before the decode step that makes token t (t >= 2). Steps with the same
@@ -105,25 +105,26 @@ class Policy:
     def attend(self, layer, q, k, v, pos, q_raw):
         return self.run(q, k, v, pos)[0]
 
-    def run(self, q, k, v, pos, idx=None, scores=False, extra=None):
-        """The attention whose output the step uses, over idx [Hkv, n] (None: every position up to pos),
-        counted: positions attended (per KV head), read (plus `extra`, e.g. page bounds), and those a
-        full step would read. The counters live on the device, so graph replays count too."""
-        dense = self.n_kv * (pos + 1)  # [1]
-        n = dense if idx is None else (idx >= 0).sum().view(1) + self.n_kv
-        read = n if extra is None else n + self.n_kv * extra
-        self.count += torch.cat([self.adds["full" if idx is None else "partial"], n, read, dense])
-        return decode_attention(q, k, v, pos, idx, scores, self.kernel)
+    def run(self, q, k, v, pos, idx=None, scores=False, extra=None, full=None):
+        """The attention whose output the step uses, over idx [Hkv, n] (None: every position up to pos;
+        with `full`, a device flag, every position where it is set), counted: positions attended (per KV
+        head; the kernel counts them), read (plus `extra`, e.g. page bounds), and those a full step would
+        read. The counters live on the device, so graph replays count too."""
+        self.count[:2] += self.adds["full" if idx is None else "partial"] if full is None else \
+            torch.cat([self.adds["partial"][:1], full.long()])
+        if extra is not None:
+            self.count[2:3] += self.n_kv * extra
+        return decode_attention(q, k, v, pos, idx, scores, self.kernel, count=self.count[3:], full=full)
 
     def score_pass(self, q, k, v, pos):
         """An extra full pass for its scores alone [H, N]; it reads every position (a full step)."""
-        read = self.n_kv * (pos + 1)
-        self.count += torch.cat([self.adds["score pass"], torch.zeros_like(read), read, torch.zeros_like(read)])
+        self.count[1:3] += torch.cat([self.adds["full"][1:], self.n_kv * (pos + 1)])  # a full step's reads
         return decode_attention(q, k, v, pos, None, True, self.kernel)[1]
 
     def stats(self):
         """The counters as numbers (a host sync: read them after generating)."""
-        steps, full, attended, read, dense = self.count.tolist()
+        steps, full, besides, attended, dense = self.count.tolist()
+        read = attended + besides
         return dict(steps=steps, full=full, attended=attended / self.n_kv, read=read / self.n_kv, dense=dense / self.n_kv)
 
 
@@ -150,12 +151,13 @@ class RefreshKV(Policy):
         self.small, self.rank, self.q_mean = {}, {}, {}  # per layer: positions [Hkv, K], their rank, mean query
         self.check = False  # set by plan() before each step
 
-    def refresh(self, layer, probs, q_raw, last=None):
-        """The small cache becomes the top-K positions of this step's aggregated, pooled scores."""
-        small, rank = top(pool(group_max(probs, self.n_kv), self.pool), self.budget, last)
-        self.small[layer].copy_(small)
-        self.rank[layer].copy_(rank)
-        self.q_mean[layer].copy_(q_raw.float().mean(0))  # [D], for the similarity schedule
+    def refresh(self, layer, probs, q_raw, last=None, flag=None):
+        """The small cache becomes the top-K positions of this step's aggregated, pooled scores
+        (kernels.pooled_top: no sort on the GPU). With flag (a device tensor), only where it is set."""
+        pooled_top(probs, self.n_kv, self.pool, self.budget, last, out=(self.small[layer], self.rank[layer]),
+                   flag=flag, kernel=self.kernel)
+        q_mean = q_raw.float().mean(0)  # [D], for the similarity schedule
+        self.q_mean[layer].copy_(q_mean if flag is None else torch.where(flag != 0, q_mean, self.q_mean[layer]))
 
     def prefill(self, layer, q, k, q_raw):
         super().prefill(layer, q, k, q_raw)
@@ -168,7 +170,9 @@ class RefreshKV(Policy):
         self.check = t % self.stride == 0  # a full step, or with a threshold a check step
         if not self.check:
             return "partial"
-        return "full" if self.threshold is None else None  # the similarity check reads a value on the host
+        if self.threshold is None:
+            return "full"
+        return None if self.refresh_only else "check"  # the ablation's check reads a value on the host
 
     def full_step(self, layer, q_raw):
         if not self.check or self.threshold is None:
@@ -176,6 +180,8 @@ class RefreshKV(Policy):
         return F.cosine_similarity(q_raw.float().mean(0), self.q_mean[layer], dim=0).item() < self.threshold
 
     def attend(self, layer, q, k, v, pos, q_raw):
+        if self.check and self.threshold is not None and not self.refresh_only:
+            return self.check_step(layer, q, k, v, pos, q_raw)
         if self.full_step(layer, q_raw):
             if not self.refresh_only:
                 out, probs = self.run(q, k, v, pos, None, scores=True)
@@ -187,13 +193,32 @@ class RefreshKV(Policy):
             small = self.small[layer]
             return self.run(q, k, v, pos, small.masked_fill(small == pos, -1))[0]
         out = self.run(q, k, v, pos, self.small[layer])[0]
-        # The current token joins and the lowest-ranked member leaves (an empty slot first; between
-        # equal scores, either). A joined token's rank is 1 + its position: above any score, and the
-        # oldest joined token ranks lowest.
+        self.join(layer, pos)
+        return out
+
+    def join(self, layer, pos, flag=None):
+        """The current token joins and the lowest-ranked member leaves (an empty slot first; between
+        equal scores, either). A joined token's rank is 1 + its position: above any score, and the
+        oldest joined token ranks lowest. With flag (a device tensor): only where it is not set."""
         slot = self.rank[layer].argmin(1, keepdim=True)
         new = current(pos, self.n_kv)
-        self.small[layer].scatter_(1, slot, new)
-        self.rank[layer].scatter_(1, slot, 1.0 + new.float())
+        if flag is None:
+            self.small[layer].scatter_(1, slot, new)
+            self.rank[layer].scatter_(1, slot, 1.0 + new.float())
+            return
+        keep = flag.view(1, 1) != 0
+        self.small[layer].scatter_(1, slot, torch.where(keep, self.small[layer].gather(1, slot), new))
+        self.rank[layer].scatter_(1, slot, torch.where(keep, self.rank[layer].gather(1, slot), 1.0 + new.float()))
+
+    def check_step(self, layer, q, k, v, pos, q_raw):
+        """A similarity check decided on the GPU, so that the step replays a CUDA graph like any other:
+        where the layer's mean query has drifted (cosine below threshold) the kernel attends to every
+        position and the small cache is refreshed; elsewhere the step is partial (masked updates)."""
+        sim = F.cosine_similarity(q_raw.float().mean(0), self.q_mean[layer], dim=0)
+        flag = (sim < self.threshold).view(1).int()
+        out, probs = self.run(q, k, v, pos, self.small[layer], scores=True, full=flag)
+        self.join(layer, pos, flag)
+        self.refresh(layer, probs, q_raw, pos, flag)
         return out
 
 
@@ -264,10 +289,7 @@ class H2O(Policy):
     def prefill(self, layer, q, k, q_raw):
         super().prefill(layer, q, k, q_raw)
         Hkv, L = self.n_kv, self.prompt_len
-        acc = torch.zeros(Hkv, L, device=k.device)
-        for e in range(L, 0, -self.block):  # queries in blocks, never an L x L matrix
-            p = prompt_probs(q[:, max(0, e - self.block):e], k[:, :e])  # [H, b, e]
-            acc[:, :e] += p.view(Hkv, -1, *p.shape[1:]).amax(1).sum(1)  # each query's group max, summed
+        acc = column_scores(q, k[:, :L], self.kernel, self.block)  # each query's group max, summed; no L x L matrix
         recent = min(self.budget // 2, L)
         heavy = top(acc[:, :L - recent], self.budget - recent)[0]
         kept = torch.cat([heavy, positions(torch.arange(L - recent, L, device=k.device), Hkv)], 1)

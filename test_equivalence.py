@@ -446,10 +446,17 @@ GRAPH_CASE = dict(seed=7, n_layers=2, n_kv_heads=2, group=2, prompt_len=30, new=
 
 
 def test_graph_check_allows_host_reads_on_steps_without_a_graph():
-    """refreshkv's similarity check steps read the similarity on the host: plan None, never captured."""
+    """refresh-only's similarity check steps read the similarity on the host: plan None, never captured."""
+    captured = check_graph_safety("refreshkv", RefreshKV(8, stride=3, threshold=0.9, refresh_only=True),
+                                  RefreshKV(8, stride=3, threshold=0.9, refresh_only=True), GRAPH_CASE)
+    assert len(captured) == 1  # the partial steps' graph; every third step runs from Python
+
+
+def test_similarity_check_steps_replay_a_graph():
+    """The similarity schedule's check steps decide per layer on the GPU: two graphs, no host reads."""
     captured = check_graph_safety("refreshkv", RefreshKV(8, stride=3, threshold=0.9),
                                   RefreshKV(8, stride=3, threshold=0.9), GRAPH_CASE)
-    assert len(captured) == 1  # the partial steps' graph; every third step runs from Python
+    assert len(captured) == 2  # partial steps and check steps
 
 
 class ItemInAttend(StreamingLLM):
@@ -528,9 +535,11 @@ def fake_attention(monkeypatch, probs_for):
     """Make decode_attention return hand-made probabilities probs_for(T, idx) and record idx."""
     calls = []
 
-    def attention(q, k, v, pos, idx=None, scores=False, kernel="auto", **kwargs):
+    def attention(q, k, v, pos, idx=None, scores=False, kernel="auto", count=None, full=None):
         calls.append(None if idx is None else idx.clone())
-        return torch.zeros_like(q), probs_for(int(pos) + 1, idx) if scores else None
+        if count is not None:  # what the kernel counts (with full, the probabilities are a dense pass's)
+            kernels.count_torch(count, k, pos, idx, full)
+        return torch.zeros_like(q), probs_for(int(pos) + 1, None if full is not None else idx) if scores else None
     monkeypatch.setattr(policies, "decode_attention", attention)
     return calls
 
@@ -624,7 +633,7 @@ def test_refreshkv_similarity_schedule_decides_per_layer(monkeypatch):
     q, k, v, pos = qkv(12)  # t=3: not a check step, partial whatever the query
     p.attend(0, turned, k, v, pos, turned)
     assert p.stats()["full"] == 0
-    assert p.plan(4) is None  # a check step reads the similarity on the host: no CUDA graph
+    assert p.plan(4) == "check"  # a check step decides on the GPU: a CUDA graph like any other
     q, k, v, pos = qkv(13)  # t=4: layer 0's query turned (cos 0) -> full, layer 1's did not -> partial
     p.attend(0, turned, k, v, pos, turned)
     p.attend(1, same, k, v, pos, same)
@@ -665,7 +674,8 @@ def test_h2o_keeps_recent_and_heavy_and_evicts_lightest(monkeypatch):
     probs[0, 3:, 3] = 1.0  # ...but head 0's queries from 3 on put their mass on 3, head 1's from 6 on on 6
     probs[1, 6:] = 0
     probs[1, 6:, 6] = 1.0
-    monkeypatch.setattr(policies, "prompt_probs", lambda q, k: probs[:, k.shape[1] - q.shape[1]:k.shape[1], :k.shape[1]])
+    columns = lambda q, k, kernel="auto", block=256: probs[:, :, :k.shape[1]].amax(0).sum(0)[None]  # group max, summed
+    monkeypatch.setattr(policies, "column_scores", columns)
     p = H2O(budget=4, block=5)
     q, k, _, _ = qkv(L, N=20)
     p.prefill(0, q[:, None].expand(-1, L, -1), k, None)
