@@ -194,7 +194,7 @@ def main():
         p.error(str(e).splitlines()[0])
     if args.n < 1 or args.workers < 1:
         p.error("--n and --workers must be at least 1")
-    if max(args.lengths) * 1.15 + 200 > context:  # inputs come within ~10% of the asked length, plus the answer
+    if max(args.lengths) * 1.1 + 100 > context:  # inputs come within ~10% of the asked length, plus the answer
         p.error(f"--lengths {max(args.lengths)} does not fit the model's context of {context} tokens")
     if not all(0 < b <= 1 for b in args.budgets):
         p.error("--budgets are fractions in (0, 1]")
