@@ -240,8 +240,13 @@ def prefill_rows():
     if DEV == "cuda":
         q, k, _ = inputs(CTXS[0])
         best = {}
+        import triton
         for bq, bk, w in ((64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8), (64, 64, 8)):
-            t = time_once(lambda: kernels.column_scores_triton(q, k, bq, bk, w))
+            try:
+                t = time_once(lambda: kernels.column_scores_triton(q, k, bq, bk, w))
+            except triton.runtime.errors.OutOfResources:
+                log(f"column_scores tiles {bq} {bk} {w}: do not fit")
+                continue
             best[(bq, bk, w)] = t
             log(f"column_scores tiles (block_q, block_k, warps) {bq} {bk} {w}: {1e3 * t:.2f} ms at {CTXS[0]}")
         bq, bk, w = min(best, key=best.get)

@@ -410,20 +410,27 @@ if triton is not None:
         return False
 
     @triton.jit
+    def _digit(hist_ptr, row, rem, NB: tl.constexpr):
+        """From one pass's histogram row: the digit where the rem-th largest entry lies, and how
+        many are still to take among the entries with that digit (every larger digit is taken)."""
+        b = tl.arange(0, NB)
+        h = tl.load(hist_ptr + row * 2048 + b)
+        ge = tl.sum(h, 0) - tl.cumsum(h, 0) + h                      # entries with digit >= b
+        d = tl.max(tl.where(ge >= rem, b, 0), 0)
+        return d, rem - tl.sum(tl.where(b > d, h, 0), 0)
+
+    @triton.jit
     def _threshold(hist_ptr, kvh, Hkv, k, PASSES: tl.constexpr):
         """From the histograms of the first PASSES passes: (the k-th largest value's leading bits,
         how many of the entries sharing them are still to take)."""
-        prefix = 0
-        rem = k
-        for p in tl.static_range(PASSES):
-            shift: tl.constexpr = 20 if p == 0 else (10 if p == 1 else 0)
-            nb: tl.constexpr = 2048 if p == 0 else 1024
-            b = tl.arange(0, nb)
-            h = tl.load(hist_ptr + (p * Hkv + kvh) * 2048 + b)
-            ge = tl.sum(h, 0) - tl.cumsum(h, 0) + h                 # entries with digit >= b
-            d = tl.max(tl.where(ge >= rem, b, 0), 0)                 # the k-th largest's digit
-            rem -= tl.sum(tl.where(b > d, h, 0), 0)                  # taken: every larger digit
-            prefix |= d << shift
+        d, rem = _digit(hist_ptr, kvh, k, 2048)
+        prefix = d << 20
+        if PASSES > 1:
+            d, rem = _digit(hist_ptr, Hkv + kvh, rem, 1024)
+            prefix = prefix | (d << 10)
+        if PASSES > 2:
+            d, rem = _digit(hist_ptr, 2 * Hkv + kvh, rem, 1024)
+            prefix = prefix | d
         return prefix, rem
 
     @triton.jit
