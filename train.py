@@ -1,9 +1,9 @@
 """Train the bundled model on the long-input, long-output tasks of tasks.py.
 
     # the bundled model on one H100: the BPE vocabulary, then ~6 min of plain training...
-    python train.py --minutes 6 --out models/refreshkv-tiny
+    python train.py --minutes 5.8 --check-n 48 --out $OUT/model
     # ...then RefreshKV-aware training from it (answer tokens attend as the decode policy lets them)
-    python train.py --init models/refreshkv-tiny --aware --minutes 4 --out models/refreshkv-tiny-aware
+    python train.py --init $OUT/model --aware --minutes 4.3 --lr 5e-4 --warmup 50 --out $OUT/aware
     # CPU smoke test (tiny model, short sequences)
     python train.py --device cpu --tiny --minutes 0.5 --out /tmp/x
 
