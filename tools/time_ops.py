@@ -1,4 +1,4 @@
-"""GPU time of each piece of a decode step's bookkeeping at one length (Llama-3.1-8B attention shapes).
+"""GPU time of each piece of a decode step's bookkeeping and small ops at one length (Llama-3.1-8B attention shapes).
 
     python tools/time_ops.py --length 131072          (one H100)
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import kernels  # noqa: E402
 import policies  # noqa: E402
 from kernels import decode_attention  # noqa: E402
 
@@ -28,35 +29,34 @@ q = torch.randn(H, D, device="cuda", dtype=torch.bfloat16)
 k, v = (torch.randn(Hkv, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
 pos = torch.tensor([T - 1], device="cuda")
 probs = decode_attention(q, k, v, pos, None, True)[1]
-scores = policies.pool(policies.group_max(probs, Hkv))
 pol = policies.RefreshKV(K)
 pol.prefill(0, q[:, None].expand(-1, 64, -1), k, q[:, None].expand(-1, 64, -1))  # state for refresh/join
 idx = torch.stack([torch.randperm(T - 1, device="cuda")[:K] for _ in range(Hkv)])  # a real L/8 selection
 x = torch.randn(1, 1, 4096, device="cuda", dtype=torch.bfloat16)
 w = torch.ones(4096, device="cuda", dtype=torch.bfloat16)
-
-
-def join():
-    slot = pol.rank[0].argmin(1, keepdim=True)
-    new = policies.current(pos, Hkv)
-    pol.small[0].scatter_(1, slot, new)
-    pol.rank[0].scatter_(1, slot, 1.0 + new.float())
-
+qkv = torch.randn((H + 2 * Hkv) * D, device="cuda", dtype=torch.bfloat16)
+cos, sin = torch.randn(2, D, device="cuda", dtype=torch.bfloat16)
+gu = torch.randn(2 * 14336, device="cuda", dtype=torch.bfloat16)
+count = torch.zeros(2, dtype=torch.long, device="cuda")
+flag = torch.zeros(1, dtype=torch.int32, device="cuda")
 
 OPS = {
     "dense attention + scores (kernel)": lambda: decode_attention(q, k, v, pos, None, True),
     "dense attention, no scores": lambda: decode_attention(q, k, v, pos, None, False),
     "sparse attention L/8": lambda: decode_attention(q, k, v, pos, idx, False),
-    "refresh: group_max": lambda: policies.group_max(probs, Hkv),
-    "refresh: pool(7)": lambda: policies.pool(scores),
-    "refresh: top (mask, pad, topk unsorted)": lambda: policies.top(scores, K, pos),
-    "refresh: topk sorted": lambda: scores.topk(K, dim=-1),
-    "refresh: topk unsorted": lambda: scores.topk(K, dim=-1, sorted=False),
-    "refresh: whole (from probs)": lambda: pol.refresh(0, probs, q, pos),
-    "partial: join + evict": join,
-    "counters (run's bookkeeping)": lambda: pol.count.add_(torch.cat([pol.units[0], (idx >= 0).sum().view(1) + Hkv,
-                                                                     (idx >= 0).sum().view(1) + Hkv, Hkv * (pos + 1)])),
-    "rms_norm (model's)": lambda: w * torch.nn.functional.rms_norm(x.float(), (4096,), eps=1e-5).to(x.dtype),
+    "sparse attention L/8, counted in the kernel": lambda: decode_attention(q, k, v, pos, idx, False, count=count),
+    "check step, flag 0 (sparse pass)": lambda: decode_attention(q, k, v, pos, idx, True, full=flag),
+    "refresh: torch reference (group max, pool, topk)": lambda: kernels.pooled_top(probs, Hkv, 7, K, pos, kernel="torch"),
+    "refresh: pooled_top (Triton)": lambda: kernels.pooled_top(probs, Hkv, 7, K, pos),
+    "refresh: pooled_top, flag 0 (skipped)": lambda: kernels.pooled_top(probs, Hkv, 7, K, pos, out=(pol.small[0], pol.rank[0]), flag=flag),
+    "refresh: whole (policy, from probs)": lambda: pol.refresh(0, probs, q, pos),
+    "partial: join + evict": lambda: pol.join(0, pos),
+    "partial: masked join (check step)": lambda: pol.join(0, pos, flag),
+    "counters: run's host-side add": lambda: pol.count[:2].add_(pol.adds["partial"]),
+    "rms_norm (PyTorch ops)": lambda: w * torch.nn.functional.rms_norm(x.float(), (4096,), eps=1e-5).to(x.dtype),
+    "rms_norm + residual (kernels.rmsnorm)": lambda: kernels.rmsnorm(x, w, 1e-5, residual=x),
+    "rope + cache write (kernels.rope_cache_write)": lambda: kernels.rope_cache_write(qkv, cos, sin, k, v, pos, H),
+    "silu * up (kernels.silu_mul)": lambda: kernels.silu_mul(gu),
 }
 print(f"| op (L={T}, K={K}) | us per call |\n|---|---|")
 for name, fn in OPS.items():
