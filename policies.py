@@ -434,8 +434,8 @@ class TokenSelect(Policy):
     (cosine above `threshold`), the last selection is kept and the previous token joins it."""
 
     def __init__(self, budget: int, threshold: float = 0.9):
-        if budget < 1:
-            raise ValueError(f"tokenselect needs budget >= 1 (got {budget})")
+        if budget < 1 or not -1 <= threshold <= 1:
+            raise ValueError(f"tokenselect needs budget >= 1 and a threshold in [-1, 1] (got {budget}, {threshold})")
         self.budget, self.threshold = budget, threshold
         self.chosen, self.vote, self.q_last = {}, {}, {}  # per layer: positions [1, K], their votes, last query
 
@@ -445,7 +445,7 @@ class TokenSelect(Policy):
             self.reused = torch.zeros((), dtype=torch.long, device=k.device)  # layer-steps that kept their selection
         self.chosen[layer] = torch.full((1, self.budget), -1, device=k.device)
         self.vote[layer] = torch.full((1, self.budget), float("-inf"), device=k.device)
-        self.q_last[layer] = torch.zeros(q_raw[:, -1].numel(), device=k.device)  # so the first step selects
+        self.q_last[layer] = torch.full((q_raw[:, -1].numel(),), float("nan"), device=k.device)  # never similar: the first step selects
 
     def attend(self, layer, q, k, v, pos, q_raw):
         (Hkv, N, D), H = k.shape, q.shape[0]

@@ -763,3 +763,10 @@ def test_tokenselect_votes_per_head_and_reuses_while_the_query_is_similar():
     assert sorted(seen[-1][1][0].tolist()) in ([3, 9], [8, 9]) and p.stats()["reused_steps"] == 1
     p.attend(0, q_b, k, k, torch.tensor([11]), q_b)  # the query turned: select again, 5 first
     assert 5 in seen[-1][1][0].tolist() and p.stats()["reused_steps"] == 1
+    p = POLICIES["tokenselect"](budget=2, threshold=-1.0)  # every query counts as similar, but the first step selects
+    p.prefill(0, q_a[:, None].expand(-1, 9, -1), k, q_a[:, None])
+    seen = record_selections(p)
+    p.attend(0, q_a, k, k, torch.tensor([9]), q_a)
+    assert sorted(seen[-1][1][0].tolist()) == [3, 8] and p.stats()["reused_steps"] == 0
+    with pytest.raises(ValueError, match="threshold in"):
+        POLICIES["tokenselect"](budget=2, threshold=float("nan"))
