@@ -2,7 +2,7 @@
 
     python eval.py --n 100 --workers 12 --out out/eval            # the README table (GPU, minutes)
     python eval.py --n 4 --lengths 400 --policies full,refreshkv  # a quick look on a CPU
-    python eval.py --fit --n 30                                    # fit the similarity threshold
+    python eval.py --fit --n 6 --workers 14                        # fit the similarity threshold
 
 Each example is scored by teacher forcing: its gold answer is fed back token by token through the
 policy's decode steps (refreshkv.generate with forced tokens), and each step's logits give
@@ -112,7 +112,8 @@ def summarise(job, rows, full_rows):
     lo, hi = wilson(k, n)
     acc, acc_ci = mean_ci([r["token_acc"] for r in rows])
     nll, nll_ci = mean_ci([r["nll"] for r in rows])
-    row = dict(policy=label(name, knobs), budget=f"{frac:g}" if frac else "-", task=task,
+    budget = frac or knobs.get("budget")
+    row = dict(policy=label(name, knobs), budget="-" if budget is None else f"{budget:g}", task=task,
                tokens=round(sum(r["tokens"] for r in rows) / n), n=n,
                exact=k / n, exact_lo=lo, exact_hi=hi,
                p_vs_full=mcnemar([r["exact"] for r in full_rows], [r["exact"] for r in rows]) if full_rows else "",
@@ -184,7 +185,7 @@ def main():
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--verify", type=int, default=0, help="also decode greedily the first N examples of each cell")
     p.add_argument("--fit", action="store_true", help="fit the per-step similarity threshold and stop")
-    p.add_argument("--fit-share", type=float, default=0.1, help="--fit: most full steps per layer-step")
+    p.add_argument("--fit-share", type=float, default=0.2, help="--fit: most full steps per layer-step (0.2: stride 5's cost)")
     p.add_argument("--out", default="out/eval", help="output directory")
     args = p.parse_args()
     try:
