@@ -149,7 +149,7 @@ class RefreshKV(Policy):
         self.budget, self.stride, self.threshold, self.refresh_only = budget, stride, threshold, refresh_only
         self.pool = pool  # max-pool kernel over positions (7 in the paper, for BPE tokens)
         self.small, self.rank, self.q_mean = {}, {}, {}  # per layer: positions [Hkv, K], their rank, mean query
-        self.check = False  # set by plan() before each step
+        self.step = "partial"  # set by plan() before each step: "partial", "full" or "check"
 
     def refresh(self, layer, probs, q_raw, last=None, flag=None):
         """The small cache becomes the top-K positions of this step's aggregated, pooled scores
@@ -167,34 +167,27 @@ class RefreshKV(Policy):
         self.refresh(layer, prompt_probs(q[:, -1:], k[:, :self.prompt_len])[:, 0], q_raw[:, -1])
 
     def plan(self, t):
-        self.check = t % self.stride == 0  # a full step, or with a threshold a check step
-        if not self.check:
-            return "partial"
-        if self.threshold is None:
-            return "full"
-        return None if self.refresh_only else "check"  # the ablation's check reads a value on the host
-
-    def full_step(self, layer, q_raw):
-        if not self.check or self.threshold is None:
-            return self.check
-        return F.cosine_similarity(q_raw.float().mean(0), self.q_mean[layer], dim=0).item() < self.threshold
+        # every stride-th step is a full step, or with a threshold a check step (full where the query drifted)
+        self.step = "partial" if t % self.stride else "full" if self.threshold is None else "check"
+        return None if self.step == "check" and self.refresh_only else self.step  # the ablation checks on the host
 
     def attend(self, layer, q, k, v, pos, q_raw):
-        if self.check and self.threshold is not None and not self.refresh_only:
+        if self.step == "check" and not self.refresh_only:
             return self.check_step(layer, q, k, v, pos, q_raw)
-        if self.full_step(layer, q_raw):
-            if not self.refresh_only:
-                out, probs = self.run(q, k, v, pos, None, scores=True)
-                self.refresh(layer, probs, q_raw, pos)
-                return out
-            # The ablation: a score pass, the refresh, then attention to the refreshed small cache;
-            # the current token, attended anyway, leaves its slot empty for this step.
-            self.refresh(layer, self.score_pass(q, k, v, pos), q_raw, pos)
-            small = self.small[layer]
-            return self.run(q, k, v, pos, small.masked_fill(small == pos, -1))[0]
-        out = self.run(q, k, v, pos, self.small[layer])[0]
-        self.join(layer, pos)
-        return out
+        drifted = lambda: F.cosine_similarity(q_raw.float().mean(0), self.q_mean[layer], dim=0).item() < self.threshold
+        if self.step == "partial" or (self.step == "check" and not drifted()):
+            out = self.run(q, k, v, pos, self.small[layer])[0]
+            self.join(layer, pos)
+            return out
+        if not self.refresh_only:  # a full step
+            out, probs = self.run(q, k, v, pos, None, scores=True)
+            self.refresh(layer, probs, q_raw, pos)
+            return out
+        # The ablation: a score pass, the refresh, then attention to the refreshed small cache;
+        # the current token, attended anyway, leaves its slot empty for this step.
+        self.refresh(layer, self.score_pass(q, k, v, pos), q_raw, pos)
+        small = self.small[layer]
+        return self.run(q, k, v, pos, small.masked_fill(small == pos, -1))[0]
 
     def join(self, layer, pos, flag=None):
         """The current token joins and the lowest-ranked member leaves (an empty slot first; between
