@@ -123,6 +123,15 @@ def test_similarity_schedule_that_always_triggers_is_full_attention_bitwise(case
     assert got_tokens == tokens and torch.equal(got_logits, logits)
 
 
+@pytest.mark.parametrize("threshold, refreshes", [(1.01, True), (-1.01, False)])
+def test_refresh_only_with_the_similarity_schedule_checks_on_the_host(threshold, refreshes):
+    """The ablation's check steps leave the graph: a drifted layer takes a score pass and refreshes."""
+    case = dict(seed=3, n_layers=2, n_kv_heads=2, group=2, prompt_len=30, new=8)
+    policy = RefreshKV(4, stride=1, threshold=threshold, refresh_only=True)
+    run(case, policy)
+    assert policy.stats()["full"] == (case["n_layers"] * (case["new"] - 1) if refreshes else 0)
+
+
 # ---- P2: every policy with a budget covering everything is full attention ----
 
 @pytest.mark.parametrize("name", NAMES)
