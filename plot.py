@@ -94,8 +94,8 @@ def pooled(grid, how):
 
 
 def intensity(scores):
-    """Attention probabilities -> 0..1, each step's largest 1 (a square root, so weaker ones show too)."""
-    return (scores / scores.amax(0).clamp(min=1e-9)).sqrt()
+    """Attention probabilities -> 0..1, each step's largest 1."""
+    return scores / scores.amax(0).clamp(min=1e-9)
 
 
 def spread(ys, gap, end):

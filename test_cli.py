@@ -1,4 +1,7 @@
 """refreshkv.py: a run on a tiny checkpoint, and a one-line error with exit status 2 for bad input."""
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -111,3 +114,20 @@ def test_cuda_requested_without_gpu(capsys, prompt, ckpt):
         pytest.skip("a GPU is present")
     code, _, err = cli(capsys, "--prompt", prompt, "--model", ckpt, "--device", "cuda")
     assert code == 2 and "no CUDA GPU" in err
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (lambda p: (p / "tokenizer.model").write_text("".join((p / "tokenizer.model").read_text().splitlines(True)[:100])),
+     "single bytes are not tokens"),
+    (lambda p: (p / "tokenizer.model").write_bytes(bytes(range(256)) * 8), "line 1 is not 'base64-token rank'"),
+    (lambda p: (p / "config.json").write_text("[]"), "config.json is not a JSON object"),
+    (lambda p: (p / "config.json").write_text(json.dumps(dict(json.loads((p / "config.json").read_text()),
+                                                              max_position_embeddings=None))),
+     "max_position_embeddings must be a positive integer, got null"),
+])
+def test_broken_checkpoint_is_one_short_line(capsys, tmp_path, ckpt, prompt, breakage, message):
+    broken = tmp_path / "broken"
+    shutil.copytree(ckpt, broken)
+    breakage(broken)
+    code, out, err = cli(capsys, "--prompt", prompt, "--model", broken)
+    assert code == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1 and len(err) < 300, err
