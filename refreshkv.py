@@ -1,12 +1,15 @@
-"""Generate a continuation of a prompt file with a KV-cache policy.
+"""Generate a continuation of a prompt file with a KV-cache policy, or compare several.
 
     python refreshkv.py --prompt examples/chain_of_key.txt --policy refreshkv --budget 0.125 --stride 10
+    python refreshkv.py --prompt examples/chain_of_key.txt --compare full,refreshkv:stride=5,snapkv --plot out/cache.png
 """
 import argparse
 import codecs
+import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,8 +20,10 @@ import policies
 from policies import POLICIES, Policy
 
 BUNDLED_MODEL = Path(__file__).parent / "models" / "refreshkv-tiny"
-GENERATION_FLAGS = {"prompt", "model", "policy", "max_new_tokens", "temperature", "top_p", "seed", "device",
-                    "dtype", "kernel"}  # a policy knob with one of these names gets --<policy>-<knob>
+# A policy knob with one of these names gets the flag --<policy>-<knob>.
+GENERATION_FLAGS = {"prompt", "model", "policy", "compare", "max_new_tokens", "temperature", "top_p", "seed", "device",
+                    "dtype", "kernel", "threads", "chat", "system", "plot", "plot_layer", "plot_head"}
+MIN_TEMPERATURE = 1e-3  # sampling colder than this is greedy anyway; far colder overflows
 
 
 def sample(logits, temperature, top_p, gen):
@@ -43,7 +48,7 @@ def generate(model, prompt, policy=None, max_new_tokens=256, temperature=0.0, to
     code twice (run, then captured), so a policy keeps its counts on the device, not in Python."""
     device = model.tok_embeddings.weight.device
     policy = policy or Policy()
-    model.setup_cache(len(prompt) + max_new_tokens)
+    model.setup_cache(len(prompt) + max_new_tokens - 1)  # the last token is never fed back
     gen = torch.Generator(device).manual_seed(seed)
     first = policy if len(prompt) > 1 else PrefillOne(policy)
     logits = model(torch.tensor([prompt], device=device), start_pos=0, policy=first)[0, -1]
@@ -115,23 +120,60 @@ def add_knob_flags(p):
                        **(dict(nargs="?", const="true", metavar="BOOL") if switch else {}))
 
 
-def make_policy(args, prompt_len):
-    """The policy --policy names, with the knob flags given on the command line."""
+def flag_knobs(args, name):
+    """The knob flags given on the command line that policy `name` takes -> {knob: value}."""
     knobs = {}
     for flag, owners in knob_flags().items():
-        text = getattr(args, flag)
-        if text is None:
-            continue
-        if args.policy not in owners:
-            raise ValueError(f"policy {args.policy} takes no --{flag.replace('_', '-')}")
-        knobs[owners[args.policy]] = policies.convert(args.policy, owners[args.policy], text)
-    return policies.build(args.policy, knobs, prompt_len)
+        if getattr(args, flag) is not None and name in owners:
+            knobs[owners[name]] = policies.convert(name, owners[name], getattr(args, flag))
+    return knobs
+
+
+def check_flags(args, names):
+    """Each knob flag given must belong to one of the policies run."""
+    for flag, owners in knob_flags().items():
+        if getattr(args, flag) is not None and not set(owners) & set(names):
+            raise ValueError(f"policy {' or '.join(names)} takes no --{flag.replace('_', '-')}")
+
+
+def check_knobs(name, knobs, context):
+    """What the constructors cannot know: the model's context, and a threshold that never fires."""
+    budget, threshold = knobs.get("budget"), knobs.get("threshold")
+    if isinstance(budget, int) and budget > context:
+        raise ValueError(f"{name}'s budget of {budget} tokens is more than the model's context of {context} tokens")
+    if threshold is not None and not 0 < threshold <= 1:
+        raise ValueError(f"{name}'s threshold is a cosine similarity in (0, 1] (the paper uses 0.85), got {threshold}")
+
+
+def builds(name, knobs, prompt_len):
+    try:
+        return policies.build(name, knobs, prompt_len)
+    except ValueError:
+        return None
+
+
+def make_policy(name, knobs, prompt_len, context):
+    """The policy `name` with these knobs (the others at their defaults). A budget given as a fraction
+    of a prompt too short for it is refused with the smallest budget in tokens that works."""
+    check_knobs(name, knobs, context)
+    try:
+        return policies.build(name, knobs, prompt_len)
+    except ValueError:
+        budget = knobs.get("budget", policies.DEFAULT_BUDGET)
+        if not isinstance(budget, float):
+            raise
+        tokens = policies.budget_tokens(budget, prompt_len)
+        works = next((b for b in range(tokens + 1, context + 1) if builds(name, dict(knobs, budget=b), prompt_len)), None)
+        if works is None:
+            raise
+        raise ValueError(f"the prompt ({prompt_len} tokens) is too short for {name} with budget {budget:g}, which "
+                         f"gives it {tokens}: give a budget of {works} tokens or more (--budget {works})") from None
 
 
 def stats_line(policy, prompt_len, n_gen, prefill_s, decode_s):
     line = (f"prompt {prompt_len} tokens | generated {n_gen} | prefill {prefill_s:.2f} s | "
             f"decode {(n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else 0:.1f} tokens/s")
-    c = policy.stats()
+    c = policy.stats() if n_gen else {"steps": 0}  # the counters exist once the prompt is prefilled
     if c["steps"]:
         line += (f" | full steps {c['full'] / c['steps']:.1%} of layer-steps | "
                  f"{c['attended'] / c['steps']:.0f} positions attended per layer-step | "
@@ -140,6 +182,65 @@ def stats_line(policy, prompt_len, n_gen, prefill_s, decode_s):
         if key not in ("steps", "full", "attended", "read", "dense"):
             line += f" | {key.replace('_', ' ')} {value:g}" if isinstance(value, (int, float)) else f" | {key} {value}"
     return line
+
+
+def departure(ref, tokens, tokenizer):
+    """Where tokens first differ from ref (full attention's) -> (token number, some text of each), or None."""
+    i = next((i for i, (a, b) in enumerate(zip(ref, tokens)) if a != b), min(len(ref), len(tokens)))
+    if ref[:i] == ref and tokens[:i] == tokens:
+        return None
+    text = lambda ids: tokenizer.decode_bytes(ids).decode("utf-8", "replace")
+    return i + 1, f"after {text(tokens[:i])[-24:]!r} it writes {text(tokens[i:])[:12]!r}, full attention {text(ref[i:])[:12]!r}"
+
+
+@dataclass
+class Run:
+    """One policy's generation so far (Ctrl-C or a closed pipe may end it early)."""
+    label: str
+    policy: object
+    tokens: list = field(default_factory=list)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    def stats(self, prompt_len):
+        return stats_line(self.policy, prompt_len, len(self.tokens), self.prefill_s, self.decode_s)
+
+
+class Stdout:
+    """The continuation's way out. A reader that goes away (a broken pipe: `| head`) ends generation
+    quietly, so that the stats still reach stderr; any other write error (a full disk) is fatal."""
+
+    def __init__(self):
+        self.gone = False
+
+    def write(self, text):
+        """-> False once the reader has gone."""
+        try:
+            if not self.gone:
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        except OSError as e:
+            self.gone = True
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that exit's flush is quiet
+            if not isinstance(e, BrokenPipeError):
+                fail(f"cannot write to stdout: {e.strerror or e}")
+        return not self.gone
+
+
+def stream(run, model, prompt, stop, args, out, tokenizer, graphs=None):
+    """Generate with run.policy, writing the text as it comes; fills run (tokens, timings) as it goes."""
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
+    start = time.perf_counter()
+    for token, _ in generate(model, prompt, run.policy, args.max_new_tokens, args.temperature, args.top_p,
+                             args.seed, stop, graphs):
+        now = time.perf_counter()
+        if not run.tokens:
+            run.prefill_s, start = now - start, now
+        run.tokens.append(token)
+        run.decode_s = now - start
+        if token not in stop and not out.write(utf8.decode(tokenizer.decode_bytes([token]))):
+            return
+    out.write(utf8.decode(b"", final=True))
 
 
 def fail(message):
@@ -153,26 +254,54 @@ class Parser(argparse.ArgumentParser):
         fail(message)
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # "(default: ...)" only where there is one
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
+
+
 def parse_args(argv):
-    p = Parser(description="Generate with a long prompt and a KV-cache policy (RefreshKV and baselines).")
+    p = Parser(description="Generate with a long prompt and a KV-cache policy (RefreshKV and baselines), or "
+                           "compare policies on one prompt.", formatter_class=Help,
+               epilog="example: python refreshkv.py --prompt examples/chain_of_key.txt "
+                      "--compare full,refreshkv:stride=5,snapkv --plot out/cache.png")
     p.add_argument("--prompt", required=True, help="UTF-8 text file with the prompt")
-    p.add_argument("--model", default=str(BUNDLED_MODEL), help="Llama-3.x checkpoint dir (Hugging Face layout)")
-    p.add_argument("--policy", default="full", choices=list(POLICIES))
+    p.add_argument("--model", help="Llama-3.x checkpoint dir, Hugging Face layout (default: the bundled model)")
+    p.add_argument("--policy", choices=list(POLICIES), help="the KV-cache policy (default: full)")
+    p.add_argument("--compare", metavar="SPECS", help="run each policy on the prompt, after full attention, and show "
+                   "where each departs from it: name[:knob=value,...],name2,... (knob flags apply to all that take them)")
     add_knob_flags(p)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--max-new-tokens", type=int, default=256, help="at most this many tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; else sampling")
+    p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling: random seed")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the Llama-3 Instruct format (Instruct checkpoints)")
+    p.add_argument("--system", metavar="TEXT", help="with --chat: a system message")
+    p.add_argument("--plot", metavar="FILE.png", help="draw what full attention and each policy's selection hold, by step")
+    p.add_argument("--plot-layer", type=int, help="--plot's layer (default: the middle one)")
+    p.add_argument("--plot-head", type=int, default=0, help="--plot's KV head")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA when present")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--kernel", default="auto", choices=["auto", "torch", "triton"], help="decode attention kernel")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads (1 holds up best on a busy 2-core machine; "
+                   "more are faster only on idle cores)")
     args = p.parse_args(argv)
     if args.max_new_tokens <= 0:
         p.error(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {args.temperature}")
+    if not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < math.inf):
+        p.error(f"--temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         p.error(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if not 0 <= args.seed < 2 ** 64:
+        p.error(f"--seed must lie in [0, 2**64), got {args.seed}")
+    if args.threads < 1:
+        p.error(f"--threads must be positive, got {args.threads}")
+    if args.policy and args.compare:
+        p.error("--compare runs the policies it names: leave out --policy")
+    if args.system is not None and not args.chat:
+        p.error("--system goes with --chat")
+    if args.plot and (Path(args.plot).suffix.lower() != ".png" or not Path(args.plot).parent.is_dir()):
+        p.error(f"--plot wants a .png file in an existing directory, got {args.plot}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda, but no CUDA GPU is available")
     if args.kernel == "triton" and (args.device == "cpu" or not torch.cuda.is_available()) \
@@ -195,41 +324,92 @@ def read_prompt(path):
     return text
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def prepare(args):
+    """Read and check everything before generating -> (text, model, tokenizer, prompt, runs)."""
+    text = read_prompt(args.prompt)
+    args.model = args.model or str(BUNDLED_MODEL)
+    if not Path(args.model).is_dir():
+        raise ValueError(f"no model directory at {args.model} (pass --model DIR)")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"auto": torch.bfloat16 if device == "cuda" else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    model, tokenizer = load(args.model, device, dtype)
+    prompt = tokenizer.encode_chat(text, args.system) if args.chat else tokenizer.encode(text, bos=True)
+    context = model.args.max_seq_len  # config.json's max_position_embeddings: what the model was trained for
+    if len(prompt) + args.max_new_tokens - 1 > context:  # the last new token is never fed back
+        raise ValueError(f"prompt ({len(prompt)} tokens) + max-new-tokens ({args.max_new_tokens}) exceeds the model's "
+                         f"context of {context} tokens")
+    specs = policies.parse_specs(args.compare) if args.compare else [(args.policy or "full", {})]
+    if args.compare and ("full", {}) not in specs:
+        specs.insert(0, ("full", {}))  # the reference
+    specs.sort(key=lambda spec: spec != ("full", {}))  # the reference first
+    check_flags(args, [name for name, _ in specs])
+    runs = []
+    for name, knobs in specs:
+        knobs = {**flag_knobs(args, name), **knobs}
+        policy = make_policy(name, knobs, len(prompt), context)
+        policy.kernel = args.kernel
+        runs.append(Run(policies.label(name, knobs), policy))
+    if args.plot:
+        args.plot_layer = model.args.n_layers // 2 if args.plot_layer is None else args.plot_layer
+        if not 0 <= args.plot_layer < model.args.n_layers or not 0 <= args.plot_head < model.args.n_kv_heads:
+            raise ValueError(f"--plot-layer must lie in [0, {model.args.n_layers}) and --plot-head in "
+                             f"[0, {model.args.n_kv_heads}) for this model")
+    return text, model, tokenizer, prompt, runs
+
+
+def report(runs, prompt_len, tokenizer, compare):
+    """On stderr: the stats line, or in compare mode one row per policy and where it departs from full attention."""
+    width = max(len(r.label) for r in runs)
+    for r in runs:
+        where = departure(runs[0].tokens, r.tokens, tokenizer) if r is not runs[0] else None
+        row = r.stats(prompt_len) + (f" | departs at token {where[0]}" if where else "")
+        print(f"{r.label:<{width}}  {row}" if compare else row, file=sys.stderr)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if sys.stdout is None:
+        fail("stdout is closed")
+    torch.set_num_threads(args.threads)
     try:
-        text = read_prompt(args.prompt)
-        if not Path(args.model).is_dir():
-            raise ValueError(f"no model directory at {args.model} (pass --model DIR)")
-        model, tokenizer = load(args.model, device, dtype)
-        prompt = tokenizer.encode(text, bos=True)
-        if len(prompt) + args.max_new_tokens > model.args.max_seq_len:
-            raise ValueError(f"prompt ({len(prompt)} tokens) + max-new-tokens ({args.max_new_tokens}) exceeds "
-                             f"the model's context of {model.args.max_seq_len} tokens")
-        policy = make_policy(args, len(prompt))
+        text, model, tokenizer, prompt, runs = prepare(args)
     except (ValueError, CheckpointError) as e:
         fail(e)
-    policy.kernel = args.kernel
+    if args.plot:
+        import plot  # only here: matplotlib costs nothing to runs without --plot
+        recorders = [plot.record(r.policy, args.plot_layer, args.plot_head) for r in runs]
     stop = set(model.args.eos_ids) | tokenizer.eos_ids
-    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
-    start, n = time.perf_counter(), 0
-    for n, (token, _) in enumerate(generate(model, prompt, policy, args.max_new_tokens, args.temperature,
-                                            args.top_p, args.seed, stop), 1):
-        if n == 1:
-            prefill_s, start = time.perf_counter() - start, time.perf_counter()
-        if token not in stop:
-            sys.stdout.write(utf8.decode(tokenizer.decode_bytes([token])))
-            sys.stdout.flush()
-    sys.stdout.write(utf8.decode(b"", final=True) + "\n")
-    print(stats_line(policy, len(prompt), n, prefill_s, time.perf_counter() - start),
-          file=sys.stderr)
+    out, started = Stdout(), 0
+    try:
+        for r in runs:
+            started += 1
+            if args.compare:
+                out.write(f"== {r.label} ==\n")
+            stream(r, model, prompt, stop, args, out, tokenizer, graphs=False if args.plot else None)
+            out.write("\n")
+            where = departure(runs[0].tokens, r.tokens, tokenizer)
+            if where:
+                out.write(f"-- departs from full attention at token {where[0]}: {where[1]}\n")
+            if out.gone:
+                break
+    except KeyboardInterrupt:  # Ctrl-C: a newline, the stats so far, and the shell's status for it
+        out.write("\n")
+        report(runs[:started], len(prompt), tokenizer, args.compare)
+        sys.exit(130)
+    report(runs[:started], len(prompt), tokenizer, args.compare)
+    if args.plot:
+        try:
+            plot.draw(args.plot, [(r.label, rec) for r, rec in zip(runs, recorders)],
+                      plot.prompt_regions(text, tokenizer, prompt, args.chat), args.plot_layer, args.plot_head,
+                      Path(args.prompt).name)
+        except (OSError, ValueError) as e:
+            fail(f"cannot draw {args.plot}: {e.strerror if isinstance(e, OSError) else e}")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except BrokenPipeError:  # e.g. piped into `head`
-        sys.stderr.close()
+    except KeyboardInterrupt:  # before generating: nothing to report
+        print(file=sys.stderr)
+        sys.exit(130)
