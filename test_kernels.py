@@ -143,6 +143,7 @@ def test_validation():
     decode_attention(q, k, v, pos, torch.full((2, 3), -1))      # all slots empty is fine
 
 
+@needs_triton
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
     q, k, v, pos, _ = make(1, 1, 4, 16, torch.float32, 3, dev="cpu")
     monkeypatch.setattr(kernels, "INTERPRET", False)
