@@ -36,13 +36,10 @@ from refreshkv import BUNDLED_MODEL, generate
 DEFAULT_POLICIES = "full,refreshkv,refreshkv:stride=1,threshold=0.15,snapkv,streamingllm,h2o,tova,oracle"
 ITEMS = {"chain_of_key": 8, "multi_key": 6, "id_range": 8}  # answer lines per task
 EVAL_SEED, FIT_SEED = 2 * 10**6, 5 * 10**6  # held-out examples; threshold fitting (never reported)
-# bytes per token of each task's text under the bundled vocabulary (measured on 300 examples of
-# 2,000 tokens): input lengths are asked for in tokens, tasks.py sizes them in bytes
-BYTES_PER_TOKEN = {"chain_of_key": 2.13, "multi_key": 1.72, "id_range": 1.77}
 
 
 def examples(task, n, length, seed=EVAL_SEED):
-    size = int(length * BYTES_PER_TOKEN[task])
+    size = int(length * tasks.BYTES_PER_TOKEN[task])  # lengths are asked for in tokens, tasks.py sizes in bytes
     return [tasks.make_example(task, seed + i, size, ITEMS[task]) for i in range(n)]
 
 

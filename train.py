@@ -154,11 +154,11 @@ def text_row(rng, n):
     """n tokens of Python standard-library source, files joined by end-of-text (None: none found)."""
     out = []
     for doc in stdlib_text(rng, int(n * 4)):  # source code is ~3-4 bytes a token
-        out += TOK.encode(doc) + [EOS()]
+        out += TOK.encode(doc) + [eos()]
     return out[:n] if len(out) >= n else None
 
 
-def EOS():
+def eos():
     """<|end_of_text|>: the id after <|begin_of_text|> in our vocabulary."""
     return TOK.bos_id + 1
 
@@ -178,11 +178,11 @@ def task_row(rng, task, n, rounds=None):
     c = TOK.encode(ctx)
     toks, cls = [TOK.bos_id] + c, [NONE] + [CONTEXT] * len(c)
     for q, a in qa:
-        qt, at = TOK.encode(q), TOK.encode(a) + [EOS()]
+        qt, at = TOK.encode(q), TOK.encode(a) + [eos()]
         toks += qt + at
         cls += [NONE] * len(qt) + [ANSWER] * len(at)
     pad = max(0, n - len(toks))
-    return (toks + [EOS()] * pad)[:n], (cls + [NONE] * pad)[:n]
+    return (toks + [eos()] * pad)[:n], (cls + [NONE] * pad)[:n]
 
 
 def make_batch(spec):
@@ -382,7 +382,7 @@ def greedy(model, prompts, max_new, device):
     right-padded, so each row's next token is read at its own last position."""
     B = len(prompts)
     lens = torch.tensor([len(p) for p in prompts], device=device)
-    buf = torch.full((B, int(lens.max()) + max_new), EOS(), dtype=torch.long, device=device)
+    buf = torch.full((B, int(lens.max()) + max_new), eos(), dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         buf[i, :len(p)] = torch.tensor(p, device=device)
     cur, done = lens.clone(), torch.zeros(B, dtype=torch.bool, device=device)
@@ -394,7 +394,7 @@ def greedy(model, prompts, max_new, device):
         nxt = logits[torch.arange(len(act), device=device), cur[act] - 1].argmax(-1)
         buf[act, cur[act]] = nxt
         cur[act] += 1
-        done[act] = (nxt == EOS()) | (cur[act] - lens[act] >= max_new)
+        done[act] = (nxt == eos()) | (cur[act] - lens[act] >= max_new)
     outs = []
     for i in range(B):
         ids = buf[i, int(lens[i]):int(cur[i])].tolist()
@@ -413,7 +413,7 @@ def check(model, tok, device, tiny, n, log, batch=32):
     log(f"{'task':14s} {'tokens':>6s} {'n':>2s} {'N':>4s}  exact  items  | chain exact match at hop 1..{hops}")
     results = {}
     for task, L, k in rows:
-        exs = [tasks.make_example(task, 10**6 + i, int(L * 2.2), k) for i in range(n)]  # ~2.2 bytes a token
+        exs = [tasks.make_example(task, 10**6 + i, int(L * tasks.BYTES_PER_TOKEN[task]), k) for i in range(n)]
         L = round(sum(len(tok.encode(e.prompt)) for e in exs) / n)
         outs = []
         for i in range(0, n, batch):
