@@ -16,14 +16,17 @@ from model import ModelArgs, Transformer, save
 from tokenizer import Tokenizer
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
+def byte_level_ckpt(path, **shape):
+    """A random-weight checkpoint with the byte-level vocabulary (258 ids) written to path."""
     torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt")
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=258, hidden_dim=128,
-                     max_seq_len=512, bos_id=256, eos_ids=[257])
+    args = ModelArgs(n_kv_heads=2, vocab_size=258, bos_id=256, eos_ids=[257], **shape)
     save(Transformer(args), path, Tokenizer.byte_level())
     return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return byte_level_ckpt(tmp_path_factory.mktemp("ckpt"), dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_seq_len=512)
 
 
 @pytest.fixture
@@ -238,12 +241,8 @@ def run_script(*argv, **kw):
 @pytest.fixture(scope="module")
 def slow_ckpt(tmp_path_factory):
     """A model big enough that a long generation is still running when the test interrupts it."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("slow")
-    args = ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=2, vocab_size=258, hidden_dim=512,
-                     max_seq_len=4096, bos_id=256, eos_ids=[257])
-    save(Transformer(args), path, Tokenizer.byte_level())
-    return path
+    return byte_level_ckpt(tmp_path_factory.mktemp("slow"), dim=256, n_layers=4, n_heads=8, hidden_dim=512,
+                           max_seq_len=4096)
 
 
 def test_ctrl_c_ends_with_a_newline_the_stats_so_far_and_status_130(tmp_path, slow_ckpt, prompt):

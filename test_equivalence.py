@@ -138,9 +138,15 @@ def test_refresh_only_with_the_similarity_schedule_checks_on_the_host(threshold,
 @SETTINGS
 @given(case=cases, extra=st.integers(0, 20))
 def test_budget_covering_everything_is_full_attention(name, case, extra):
+    assert_full_attention(case, make(name, case["prompt_len"] + case["new"] + extra),
+                          f"{name} with K >= L + T chose other tokens than full attention")
+
+
+def assert_full_attention(case, policy, message=None):
+    """The policy gives full attention's tokens, and its logits within float32 reordering."""
     tokens, logits = run(case, Policy())
-    got_tokens, got_logits = run(case, make(name, case["prompt_len"] + case["new"] + extra))
-    assert got_tokens == tokens, f"{name} with K >= L + T chose other tokens than full attention"
+    got_tokens, got_logits = run(case, policy)
+    assert got_tokens == tokens, message
     torch.testing.assert_close(got_logits, logits, **FLOAT32)
 
 
@@ -148,20 +154,14 @@ def test_budget_covering_everything_is_full_attention(name, case, extra):
 def test_budget_far_above_a_short_prompt_is_full_attention(name):
     """Fixed cases the property test rarely draws: K much larger than the prompt, so empty slots last."""
     case = dict(seed=3, n_layers=2, n_kv_heads=2, group=2, prompt_len=10, new=30)
-    tokens, logits = run(case, Policy())
-    got_tokens, got_logits = run(case, make(name, 64))
-    assert got_tokens == tokens
-    torch.testing.assert_close(got_logits, logits, **FLOAT32)
+    assert_full_attention(case, make(name, 64))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_one_token_prompt(name):
     """A prompt of one token reaches the model as a decode step; generate() prefills the policy there."""
     case = dict(seed=5, n_layers=3, n_kv_heads=2, group=2, prompt_len=1, new=12)
-    tokens, logits = run(case, Policy())
-    got_tokens, got_logits = run(case, make(name, 16))
-    assert got_tokens == tokens
-    torch.testing.assert_close(got_logits, logits, **FLOAT32)
+    assert_full_attention(case, make(name, 16))
 
 
 # ---- P4: right after a full step, the small cache is that step's top-K ----
