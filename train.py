@@ -266,8 +266,9 @@ class RefreshAttention:
     joined since, plus those tokens (the latest K of them) and itself. budget [B]: K per row. Ties at the K-th score keep
     all tied positions; the selection carries no gradient."""
 
-    def __init__(self, start, length, budget, stride, pool_kernel=7):
-        self.start, self.budget, self.pool = start, budget, pool_kernel
+    def __init__(self, start, length, budget, stride, pool_kernel=7, lookahead=0):
+        self.start, self.length, self.budget, self.pool = start, length, budget, pool_kernel
+        self.lookahead, self.aux = lookahead, []  # aux: (loss, recall) of each layer, see lookahead_loss
         i = torch.arange(int(length.max()), device=start.device)  # answer rows, relative to start
         full = (i + 2) % stride == 0
         self.src = torch.cat([i.new_tensor([-1]), i[full]])  # rows of the full steps (-1: the prefill's last)
@@ -278,6 +279,8 @@ class RefreshAttention:
 
     def __call__(self, layer, q, k, v):
         (B, H, T, D), Hkv = q.shape, k.shape[1]
+        if self.lookahead > 1:
+            self.aux.append(self.lookahead_loss(q, k))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         A, pos = len(self.i), torch.arange(T, device=q.device)
         rows = self.start[:, None] + self.i  # [B, A]
@@ -304,8 +307,42 @@ class RefreshAttention:
         dest = torch.where(self.partial, rows, T + self.i)[:, None, :, None].expand(B, H, A, D)
         return torch.cat([y, y.new_zeros(B, H, A, D)], 2).scatter(2, dest, out)[:, :, :T]
 
+    def lookahead_loss(self, q, k):
+        """The look-ahead loss of one layer (train.py --lookahead W). The selection carries no
+        gradient, so nothing above teaches a full step to keep what the next steps will need. This
+        does: for each query that could be a full step (the prefill's last, every answer row but the
+        last), the prompt positions that the next W-1 rows attend to under full attention (weight: the
+        most any of them gives, max over the query group) are pushed above the top-K threshold of
+        this query's own pooled selection score, softplus(threshold + 1 - score) in log-probability.
+        Positions already kept with a margin cost ~0, so full attention is left alone. Also returns
+        the recall: the share of that weight the selection keeps today."""
+        (B, H, T, D), Hkv = q.shape, k.shape[1]
+        u = torch.arange(len(self.i) + 1, device=q.device)  # query rows start-1+u, u = 0..A
+        rows = (self.start[:, None] - 1 + u).clamp(0, T - 1)  # [B, A + 1]
+        qa = q.gather(2, rows[:, None, :, None].expand(B, H, -1, D)).view(B, Hkv, H // Hkv, -1, D)
+        pos = torch.arange(T, device=q.device)
+        s = (qa @ k[:, :, None].transpose(-1, -2)).float() / math.sqrt(D)  # [B, Hkv, G, A + 1, T]
+        s = s.masked_fill(pos > rows[:, None, None, :, None], float("-inf"))
+        lp = s.log_softmax(-1).amax(2)  # the selection's score, as a log-probability [B, Hkv, A + 1, T]
+        prompt = pos < self.start[:, None, None, None]  # answer tokens join the small cache anyway
+        score = pool(lp.flatten(0, 2), self.pool).view_as(lp).masked_fill(~prompt, float("-inf"))
+        valid = u <= self.length[:, None]  # [B, A + 1]
+        with torch.no_grad():
+            p = lp.exp().masked_fill(~prompt, 0) * valid[:, None, :, None]
+            want = torch.zeros_like(p)  # the most each prompt position gets from rows u+1..u+W-1
+            for j in range(1, self.lookahead):
+                want[:, :, :-j] = torch.maximum(want[:, :, :-j], p[:, :, j:])
+            ranked = score.sort(-1, descending=True).values
+            kth = ranked.gather(-1, (self.budget - 1).clamp(0, T - 1)[:, None, None, None].expand(B, Hkv, len(u), 1))
+            kept = score >= kth
+        miss = F.softplus(kth + 1.0 - score.clamp(min=-1e4))  # [B, Hkv, A + 1, T]
+        total = want.sum(-1).clamp(min=1e-6)  # per query row and head
+        loss = ((want * miss).sum(-1) / total).mean()
+        recall = ((want * kept).sum() / want.sum().clamp(min=1e-6)).detach()
+        return loss, recall
 
-def refresh_attention(rng, cls):
+
+def refresh_attention(rng, cls, lookahead=0):
     """A RefreshAttention for a batch of single-question rows (loss classes [B, T]), with a stride
     and a budget fraction drawn for the batch: one model for many settings."""
     ans = cls == ANSWER
@@ -315,7 +352,7 @@ def refresh_attention(rng, cls):
     frac = 2 ** rng.uniform(-4, -2)  # K from L/16 to L/4
     stride = rng.randint(3, 16)
     budget = (start * frac).long().clamp(min=1)
-    return RefreshAttention(start, length, budget, stride), (stride, frac)
+    return RefreshAttention(start, length, budget, stride, lookahead=lookahead), (stride, frac)
 
 
 # ---------------------------------------------------------------- model and optimizer
@@ -362,15 +399,17 @@ def sdpa_context(model, device, log):
 
 
 def train_step(model, inp, tgt, w, amp, attn_ctx, attention=None):
-    """Forward and backward of the weighted loss; returns the loss, the per-token
-    cross-entropy [B, T] and the logits (for the log). attention: a RefreshAttention, or None
-    for plain causal attention."""
+    """Forward and backward of the weighted loss (plus the look-ahead loss, if the attention
+    has one); returns the loss, the per-token cross-entropy [B, T] and the logits (for the log).
+    attention: a RefreshAttention, or None for plain causal attention."""
     with amp, attn_ctx():
         logits = model(inp, policy=attention)
         ce = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), tgt.reshape(-1), reduction="none")
         ce = ce.view_as(tgt)
         loss = (ce * w).sum() / w.sum().clamp(min=1)
-        loss.backward()
+        aux = getattr(attention, "aux", None)
+        look = torch.stack([a for a, _ in aux]).mean() if aux else None  # mean over layers
+        (loss if look is None else loss + look).backward()
     return loss, ce, logits
 
 
@@ -453,6 +492,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--init", help="checkpoint dir to continue training from (all row lengths from the start)")
     ap.add_argument("--aware", action="store_true", help="RefreshKV-aware training (half the batches); use with --init")
+    ap.add_argument("--lookahead", type=int, default=0,
+                    help="with --aware: W > 1 adds the look-ahead loss (a full step keeps what the next W-1 steps need)")
     ap.add_argument("--vocab", type=int, default=None, help="BPE ranks to train (default 2046; tiny: 320)")
     ap.add_argument("--tokenizer", help="a tokenizer.model rank file to use instead of training one")
     args = ap.parse_args()
@@ -531,7 +572,7 @@ def main():
         lr = lr_at(step, p, args)
         for g in opt.param_groups:
             g["lr"] = lr
-        attention, setting = refresh_attention(draw, c[:, :-1]) if aware else (None, None)
+        attention, setting = refresh_attention(draw, c[:, :-1], args.lookahead) if aware else (None, None)
         try:
             loss, ce, logits = train_step(model, inp, tgt, w, amp, attn_ctx, attention)
         except Exception as e:
@@ -564,7 +605,9 @@ def main():
             log(f"step {step:5d} | {el:6.1f} s | T {x.shape[1] - 1:4d} x {x.shape[0]:3d} | lr {lr:.2e} | "
                 f"loss {loss.item():.4f} | answer loss {a_loss:.4f} acc {a_acc:.4f} | gnorm {gnorm:.2f} | "
                 f"{rate / 1e6:.2f} Mtok/s | data wait {wait:.1f} s"
-                + (f" | refresh S={setting[0]} K={setting[1]:.3f}L" if setting else ""))
+                + (f" | refresh S={setting[0]} K={setting[1]:.3f}L" if setting else "")
+                + (" | look-ahead loss {:.3f} recall {:.3f}".format(*torch.stack([torch.stack(a) for a in attention.aux])
+                                                                    .mean(0).tolist()) if setting and attention.aux else ""))
     loader.close()
     el = time.time() - t0
     log(f"trained {step} steps, {tokens / 1e6:.1f}M tokens in {el:.1f} s ({tokens / el / 1e6:.2f} Mtok/s, "
