@@ -310,10 +310,11 @@ class RefreshAttention:
     def lookahead_loss(self, q, k):
         """The look-ahead loss of one layer (train.py --lookahead W). The selection carries no
         gradient, so nothing above teaches a full step to keep what the next steps will need. This
-        does: for each query that could be a full step (the prefill's last, every answer row but the
-        last), the prompt positions that the next W-1 rows attend to under full attention (weight: the
-        most any of them gives, max over the query group) are pushed above the top-K threshold of
-        this query's own pooled selection score, softplus(threshold + 1 - score) in log-probability.
+        does: for each query that could be a full step (the prefill's last, every answer row), the
+        prompt positions that one of the next W-1 rows attends to strongly under full attention
+        (probability >= 0.05, max over the query group; a diffuse head's share is ~1/L and no top-K
+        can hold it all) are pushed above the top-K threshold of this query's own pooled selection
+        score: softplus(threshold + 1 - score) in log-probability, weighted by that probability.
         Positions already kept with a margin cost ~0, so full attention is left alone. Also returns
         the recall: the share of that weight the selection keeps today."""
         (B, H, T, D), Hkv = q.shape, k.shape[1]
@@ -332,14 +333,13 @@ class RefreshAttention:
             want = torch.zeros_like(p)  # the most each prompt position gets from rows u+1..u+W-1
             for j in range(1, self.lookahead):
                 want[:, :, :-j] = torch.maximum(want[:, :, :-j], p[:, :, j:])
+            want *= want >= 0.05
             ranked = score.sort(-1, descending=True).values
             kth = ranked.gather(-1, (self.budget - 1).clamp(0, T - 1)[:, None, None, None].expand(B, Hkv, len(u), 1))
             kept = score >= kth
         miss = F.softplus(kth + 1.0 - score.clamp(min=-1e4))  # [B, Hkv, A + 1, T]
-        total = want.sum(-1).clamp(min=1e-6)  # per query row and head
-        loss = ((want * miss).sum(-1) / total).mean()
-        recall = ((want * kept).sum() / want.sum().clamp(min=1e-6)).detach()
-        return loss, recall
+        total = want.sum().clamp(min=1e-6)
+        return (want * miss).sum() / total, ((want * kept).sum() / total).detach()
 
 
 def refresh_attention(rng, cls, lookahead=0):
