@@ -65,3 +65,64 @@ def test_refresh_attention_is_what_refreshkv_decode_attends_to(stride, budget):
     assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
     if stride > 1:  # partial rows really differ from full attention
         assert not torch.allclose(got, causal, atol=1e-3)
+
+
+def lookahead_by_hand(q, k, start, length, budget, W, pool):
+    """RefreshAttention.lookahead_loss's definition, one query row and position at a time (batch 1)."""
+    H, T, D = q.shape[1:]
+    Hkv = k.shape[1]
+    G = H // Hkv
+    A = length
+    lp = torch.full((Hkv, A + 1, T), float("-inf"), dtype=torch.float64)  # group-max log-probability
+    for u in range(A + 1):
+        r = start - 1 + u
+        for g in range(Hkv):
+            for h in range(g * G, (g + 1) * G):
+                s = (q[0, h, r].double() @ k[0, g, :r + 1].double().T) / D ** 0.5
+                lp[g, u, :r + 1] = torch.maximum(lp[g, u, :r + 1], s.log_softmax(-1))
+    score = torch.full_like(lp, float("-inf"))
+    for p in range(start):  # prompt positions only, pooled over all positions within pool // 2
+        lo, hi = max(0, p - pool // 2), min(T, p + pool // 2 + 1)
+        score[:, :, p] = lp[:, :, lo:hi].amax(-1)
+    prob = lp.exp()
+    prob[:, :, start:] = 0
+    want = torch.zeros_like(prob)
+    for u in range(A + 1):
+        for j in range(1, W):
+            if u + j <= A:
+                want[:, u] = torch.maximum(want[:, u], prob[:, u + j])
+    want[want < 0.05] = 0
+    kth = score.sort(-1, descending=True).values[..., budget - 1:budget]
+    miss = torch.nn.functional.softplus(kth + 1 - score.clamp(min=-1e4))
+    return (want * miss).sum() / want.sum(), (want * (score >= kth)).sum() / want.sum()
+
+
+@pytest.mark.parametrize("budget, W, pool", [(3, 4, 3), (5, 10, 1), (2, 2, 7)])
+def test_lookahead_loss_matches_its_definition(budget, W, pool):
+    torch.manual_seed(budget + W)
+    B, H, Hkv, T, D, start, length = 1, 4, 2, 18, 8, 11, 6
+    q = (3 * torch.randn(B, H, T, D)).requires_grad_()
+    k = (3 * torch.randn(B, Hkv, T, D)).requires_grad_()
+    attn = train.RefreshAttention(torch.tensor([start]), torch.tensor([length]), torch.tensor([budget]), 5,
+                                  pool_kernel=pool, lookahead=W)
+    loss, recall = attn.lookahead_loss(q, k)
+    want_loss, want_recall = lookahead_by_hand(q.detach(), k.detach(), start, length, budget, W, pool)
+    assert 0 < recall < 1 and loss > 0  # the case is not trivial
+    assert torch.allclose(loss.double(), want_loss, atol=1e-5) and torch.allclose(recall.double(), want_recall, atol=1e-6)
+    loss.backward()  # the loss reaches the queries and keys that choose the positions
+    assert q.grad.abs().sum() > 0 and k.grad.abs().sum() > 0
+    everything = train.RefreshAttention(torch.tensor([start]), torch.tensor([length]), torch.tensor([start]), 5,
+                                        pool_kernel=pool, lookahead=W)
+    assert everything.lookahead_loss(q, k)[1] == 1  # a budget of the whole prompt keeps all
+
+
+def test_lookahead_loss_leaves_the_forward_alone():
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50,
+                                  hidden_dim=96, max_seq_len=128)).eval()
+    tokens = torch.randint(0, 50, (1, 60))
+    make = lambda W: train.RefreshAttention(torch.tensor([41]), torch.tensor([19]), torch.tensor([9]), 4, lookahead=W)
+    with torch.no_grad():
+        plain, with_loss = make(0), make(10)
+        assert torch.equal(model(tokens, policy=plain), model(tokens, policy=with_loss))
+    assert plain.aux == [] and len(with_loss.aux) == 2  # one (loss, recall) per layer

@@ -4,6 +4,8 @@
     python train.py --minutes 5.8 --check-n 48 --out $OUT/model
     # ...then RefreshKV-aware training from it (answer tokens attend as the decode policy lets them)
     python train.py --init $OUT/model --aware --minutes 4.3 --lr 5e-4 --warmup 50 --out $OUT/aware
+    # ...then with the look-ahead loss (README lists the three runs the bundled model had)
+    python train.py --init $OUT/aware --aware --lookahead 10 --minutes 6.6 --lr 5e-4 --warmup 50 --out $OUT/la
     # CPU smoke test (tiny model, short sequences)
     python train.py --device cpu --tiny --minutes 0.5 --out /tmp/x
 
@@ -25,6 +27,8 @@ single-question rows whose answer tokens attend as RefreshKV's decode steps woul
 under full causal attention (RefreshAttention); the other half are plain rows, so that full
 attention does not get worse. Stride and budget are drawn per batch, so one model serves many
 settings; gradients flow through the attention but not through the discrete selection.
+--lookahead W adds a loss that teaches what the selection cannot: a full step should already attend
+to what the next W-1 steps will need (RefreshAttention.lookahead_loss).
 """
 import argparse
 import heapq
