@@ -35,8 +35,9 @@ class Recorder:
             return attend(layer, q, k, v, pos, q_raw)
 
         def recorded_run(q, k, v, pos, idx=None, *args, **kwargs):
-            if self.layer_now == self.layer:
-                self.note(q, k, int(pos), idx)
+            if self.layer_now == self.layer:  # a check step whose device flag fired attends to everything
+                fired = kwargs.get("full") is not None and bool(kwargs["full"].any())
+                self.note(q, k, int(pos), None if fired else idx)
             return run(q, k, v, pos, idx, *args, **kwargs)
 
         def recorded_score_pass(q, k, v, pos):

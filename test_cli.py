@@ -280,3 +280,18 @@ def test_cuda_requested_without_gpu(capsys, prompt, ckpt):
         pytest.skip("a GPU is present")
     code, _, err = cli(capsys, "--prompt", prompt, "--model", ckpt, "--device", "cuda")
     assert code == 2 and "no CUDA GPU" in err
+
+
+@pytest.mark.parametrize("threshold", [1.0, 1e-6])
+def test_plot_records_a_fired_check_step_as_a_full_step(ckpt, prompt, threshold):
+    """The per-step trigger decides on the device; the picture must still mark the steps it fired
+    (threshold 1: every step; a tiny threshold: only where the mean query turned around)."""
+    import plot
+    from model import load
+    model, tok = load(ckpt, device="cpu", dtype=torch.float32)
+    ids = tok.encode(open(prompt).read(), bos=True)
+    policy = policies.build("refreshkv", {"budget": 8, "stride": 1, "threshold": threshold}, len(ids))
+    rec = plot.record(policy, 1, 0)
+    list(refreshkv.generate(model, ids, policy, max_new_tokens=12, graphs=False))
+    assert len(rec.full) == 11 and (all(rec.full) if threshold == 1.0 else not all(rec.full))
+    assert all(len(h) == (len(s) if f else 9) for f, h, s in zip(rec.full, rec.held, rec.scores))  # all, or K + itself
