@@ -268,7 +268,8 @@ class RefreshAttention:
     full step's scores (the prefill's last query, or the last full answer row; softmax over the
     positions up to it, max over the query group, max-pooled), one fewer for each answer token that
     joined since, plus those tokens (the latest K of them) and itself. budget [B]: K per row. Ties at the K-th score keep
-    all tied positions; the selection carries no gradient."""
+    all tied positions; the selection carries no gradient. lookahead W > 1: each layer also appends
+    its look-ahead (loss, recall) to `aux` (lookahead_loss), which train_step adds to the loss."""
 
     def __init__(self, start, length, budget, stride, pool_kernel=7, lookahead=0):
         self.start, self.length, self.budget, self.pool = start, length, budget, pool_kernel
