@@ -12,7 +12,7 @@ import torch
 
 import policies
 import refreshkv
-from model import ModelArgs, Transformer, save
+from model import ModelArgs, Transformer, load, save
 from tokenizer import Tokenizer
 
 
@@ -287,7 +287,6 @@ def test_plot_records_a_fired_check_step_as_a_full_step(ckpt, prompt, threshold)
     """The per-step trigger decides on the device; the picture must still mark the steps it fired
     (threshold 1: every step; a tiny threshold: only where the mean query turned around)."""
     import plot
-    from model import load
     model, tok = load(ckpt, device="cpu", dtype=torch.float32)
     ids = tok.encode(open(prompt).read(), bos=True)
     policy = policies.build("refreshkv", {"budget": 8, "stride": 1, "threshold": threshold}, len(ids))
