@@ -2,7 +2,7 @@
 
     python eval.py --n 100 --workers 12 --out out/eval            # the README table (GPU, minutes)
     python eval.py --n 4 --lengths 400 --policies full,refreshkv  # a quick look on a CPU
-    python eval.py --fit --n 6 --workers 14                        # fit the similarity threshold
+    python eval.py --fit --n 10 --workers 14                       # fit the similarity threshold
 
 Each example is scored by teacher forcing: its gold answer is fed back token by token through the
 policy's decode steps (refreshkv.generate with forced tokens), and each step's logits give
@@ -150,24 +150,26 @@ def markdown(rows):
 
 def fit_threshold(args):
     """The similarity schedule checked at every step (stride 1): the smallest threshold (fewest full
-    steps) whose token accuracy stays within `--fit-drop` of full attention's, on training-distribution
-    examples (seeds FIT_SEED+), never the eval's. The paper fitted its 0.85 to Llama-3.1-8B the same
-    way: as few full steps as the accuracy allows."""
+    steps) whose token accuracy stays within `--fit-drop` of full attention's at every input length,
+    on training-distribution examples (seeds FIT_SEED+), never the eval's. The paper fitted its 0.85
+    to Llama-3.1-8B the same way: as few full steps as the accuracy allows."""
     grid = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9]
     specs = [("full", {})] + [("refreshkv", {"stride": 1, "threshold": s}) for s in grid]
     jobs = [(args.model, args.device, spec, None if spec[0] == "full" else args.budgets[0], task,
-             args.lengths[0], args.n, FIT_SEED, 0) for spec in specs for task in tasks.TASK_NAMES]
+             length, args.n, FIT_SEED, 0) for spec in specs for length in args.lengths for task in tasks.TASK_NAMES]
     results = list(run(jobs, args.workers))
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
-    per = {s: [r for j, rs in zip(jobs, results) if j[2][1].get("threshold") == s for r in rs] for s in [None] + grid}
-    ref = mean(per[None], "token_acc")  # full attention
-    best = next((s for s in grid if mean(per[s], "token_acc") >= ref - args.fit_drop), None)
-    print(f"fit on {args.n} examples per task (seeds {FIT_SEED}+), {args.lengths[0]} tokens, budget {args.budgets[0]:g}")
-    print("| threshold | full-step share | token acc | exact |\n|---|---|---|---|")
+    per = {(s, n): [r for j, rs in zip(jobs, results) if j[2][1].get("threshold") == s and j[5] == n for r in rs]
+           for s in [None] + grid for n in args.lengths}
+    ok = lambda s, n: mean(per[s, n], "token_acc") >= mean(per[None, n], "token_acc") - args.fit_drop
+    best = next((s for s in grid if all(ok(s, n) for n in args.lengths)), None)
+    print(f"fit on {args.n} examples per task (seeds {FIT_SEED}+), budget {args.budgets[0]:g}")
+    print("| threshold | tokens | full-step share | token acc | exact |\n|---|---|---|---|---|")
     for s in [None] + grid:
-        print(f"| {s or 'full attention'} | {mean(per[s], 'full_share'):.3f} | {mean(per[s], 'token_acc'):.1%} | "
-              f"{mean(per[s], 'exact'):.0%} |")
-    print(f"fitted threshold: {best} (token accuracy within {args.fit_drop:g} of full attention's {ref:.1%})")
+        for n in args.lengths:
+            print(f"| {s or 'full attention'} | {n} | {mean(per[s, n], 'full_share'):.3f} | "
+                  f"{mean(per[s, n], 'token_acc'):.1%} | {mean(per[s, n], 'exact'):.0%} |")
+    print(f"fitted threshold: {best} (token accuracy within {args.fit_drop:g} of full attention's at every length)")
     return best
 
 

@@ -403,9 +403,9 @@ def sdpa_context(model, device, log):
         return contextlib.nullcontext
 
 
-def train_step(model, inp, tgt, w, amp, attn_ctx, attention=None):
-    """Forward and backward of the weighted loss (plus the look-ahead loss, if the attention
-    has one); returns the loss, the per-token cross-entropy [B, T] and the logits (for the log).
+def train_step(model, inp, tgt, w, amp, attn_ctx, attention=None, look_weight=1.0):
+    """Forward and backward of the weighted loss (plus look_weight times the look-ahead loss, if the
+    attention has one); returns the loss, the per-token cross-entropy [B, T] and the logits (for the log).
     attention: a RefreshAttention, or None for plain causal attention."""
     with amp, attn_ctx():
         logits = model(inp, policy=attention)
@@ -414,7 +414,7 @@ def train_step(model, inp, tgt, w, amp, attn_ctx, attention=None):
         loss = (ce * w).sum() / w.sum().clamp(min=1)
         aux = getattr(attention, "aux", None)
         look = torch.stack([a for a, _ in aux]).mean() if aux else None  # mean over layers
-        (loss if look is None else loss + look).backward()
+        (loss if look is None else loss + look_weight * look).backward()
     return loss, ce, logits
 
 
@@ -499,6 +499,7 @@ def main():
     ap.add_argument("--aware", action="store_true", help="RefreshKV-aware training (half the batches); use with --init")
     ap.add_argument("--lookahead", type=int, default=0,
                     help="with --aware: W > 1 adds the look-ahead loss (a full step keeps what the next W-1 steps need)")
+    ap.add_argument("--lookahead-weight", type=float, default=1.0, help="the look-ahead loss's weight against the token loss")
     ap.add_argument("--vocab", type=int, default=None, help="BPE ranks to train (default 2046; tiny: 320)")
     ap.add_argument("--tokenizer", help="a tokenizer.model rank file to use instead of training one")
     args = ap.parse_args()
@@ -579,7 +580,7 @@ def main():
             g["lr"] = lr
         attention, setting = refresh_attention(draw, c[:, :-1], args.lookahead) if aware else (None, None)
         try:
-            loss, ce, logits = train_step(model, inp, tgt, w, amp, attn_ctx, attention)
+            loss, ce, logits = train_step(model, inp, tgt, w, amp, attn_ctx, attention, args.lookahead_weight)
         except Exception as e:
             if not compiled:
                 raise
@@ -611,8 +612,9 @@ def main():
                 f"loss {loss.item():.4f} | answer loss {a_loss:.4f} acc {a_acc:.4f} | gnorm {gnorm:.2f} | "
                 f"{rate / 1e6:.2f} Mtok/s | data wait {wait:.1f} s"
                 + (f" | refresh S={setting[0]} K={setting[1]:.3f}L" if setting else "")
-                + (" | look-ahead loss {:.3f} recall {:.3f}".format(*torch.stack([torch.stack(a) for a in attention.aux])
-                                                                    .mean(0).tolist()) if setting and attention.aux else ""))
+                + (" | look-ahead loss {:.3f} recall {:.3f} (worst layer {:.3f})".format(
+                    *torch.stack([torch.stack(a) for a in attention.aux]).mean(0).tolist(),
+                    min(r.item() for _, r in attention.aux)) if setting and attention.aux else ""))
     loader.close()
     el = time.time() - t0
     log(f"trained {step} steps, {tokens / 1e6:.1f}M tokens in {el:.1f} s ({tokens / el / 1e6:.2f} Mtok/s, "
