@@ -288,6 +288,21 @@ def column_scores_torch(q, k, block=256):
 
 if triton is not None:
 
+    @triton.jit
+    def _lse_tile(q, k_ptr, m, l, j, i, sk1, L, qk_scale, D: tl.constexpr, UPCAST: tl.constexpr,
+                  PREC: tl.constexpr, MASK: tl.constexpr):
+        """One key tile of pass 1: the online log-sum-exp (m, l) of queries i over keys j."""
+        d = tl.arange(0, D)
+        kk = tl.load(k_ptr + j[:, None] * sk1 + d[None, :], mask=(j < L)[:, None], other=0.0)
+        if UPCAST:
+            kk = kk.to(tl.float32)
+        s = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale       # [BLOCK_Q, BLOCK_K]
+        if MASK:  # the diagonal: causal
+            s = tl.where(j[None, :] <= i[:, None], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+        return m_new, l
+
     @triton.jit(do_not_specialize=["L"])
     def _row_lse_kernel(q_ptr, k_ptr, lse_ptr, sq0, sq1, sk0, sk1, L, qk_scale,
                         G: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr,
@@ -300,20 +315,35 @@ if triton is not None:
         q = tl.load(q_ptr + h * sq0 + i[:, None] * sq1 + d[None, :], mask=(i < L)[:, None], other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
+        k_ptr += (h // G) * sk0
         m = tl.full([BLOCK_Q], -1e30, tl.float32)
         l = tl.zeros([BLOCK_Q], tl.float32)
-        for j0 in range(0, tl.minimum((qb + 1) * BLOCK_Q, L), BLOCK_K):
-            j = j0 + tl.arange(0, BLOCK_K)
-            kk = tl.load(k_ptr + (h // G) * sk0 + j[:, None] * sk1 + d[None, :],
-                         mask=(j < L)[:, None], other=0.0)
-            if UPCAST:
-                kk = kk.to(tl.float32)
-            s = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale   # [BLOCK_Q, BLOCK_K]
-            s = tl.where(j[None, :] <= i[:, None], s, float("-inf"))       # causal
-            m_new = tl.maximum(m, tl.max(s, 1))
-            l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
-            m = m_new
+        diag = qb * BLOCK_Q // BLOCK_K * BLOCK_K            # keys before it: seen by every row, no mask
+        for j0 in range(0, diag, BLOCK_K):
+            m, l = _lse_tile(q, k_ptr, m, l, j0 + tl.arange(0, BLOCK_K), i, sk1, L, qk_scale, D, UPCAST, PREC, False)
+        for j0 in range(diag, tl.minimum((qb + 1) * BLOCK_Q, L), BLOCK_K):
+            m, l = _lse_tile(q, k_ptr, m, l, j0 + tl.arange(0, BLOCK_K), i, sk1, L, qk_scale, D, UPCAST, PREC, True)
         tl.store(lse_ptr + h * L + i, m + tl.log2(l), mask=i < L)
+
+    @triton.jit
+    def _column_tile(q_ptr, lse_ptr, kk, i, j, kvh, sq0, sq1, L, qk_scale, G: tl.constexpr, D: tl.constexpr,
+                     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                     MASK: tl.constexpr):
+        """One query tile of pass 2: per key j, the sum over queries i of the group's largest
+        probability. The max is taken over log-probabilities, so one exp2 serves the group."""
+        d = tl.arange(0, D)
+        x = tl.full([BLOCK_Q, BLOCK_K], float("-inf"), tl.float32)
+        for g in range(G):                               # the group's query heads, one at a time
+            h = kvh * G + g
+            q = tl.load(q_ptr + h * sq0 + i[:, None] * sq1 + d[None, :], mask=(i < L)[:, None], other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+            lse = tl.load(lse_ptr + h * L + i, mask=i < L, other=0.0)
+            x = tl.maximum(x, tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale - lse[:, None])
+        p = tl.exp2(x)
+        if MASK:  # the diagonal and the last tile: causal, real queries
+            p = tl.where((j[None, :] <= i[:, None]) & (i < L)[:, None], p, 0.0)
+        return tl.sum(p, 0)
 
     @triton.jit(do_not_specialize=["L"])
     def _column_kernel(q_ptr, k_ptr, lse_ptr, out_ptr, sq0, sq1, sk0, sk1, L, qk_scale,
@@ -329,19 +359,19 @@ if triton is not None:
         if UPCAST:
             kk = kk.to(tl.float32)
         acc = tl.zeros([BLOCK_K], tl.float32)
-        for i0 in range((kb * BLOCK_K) // BLOCK_Q * BLOCK_Q, L, BLOCK_Q):
-            i = i0 + tl.arange(0, BLOCK_Q)
-            seen = (j[None, :] <= i[:, None]) & (i < L)[:, None]          # causal, real queries
-            pmax = tl.zeros([BLOCK_Q, BLOCK_K], tl.float32)
-            for g in tl.static_range(G):                 # the group's query heads, one at a time
-                h = kvh * G + g
-                q = tl.load(q_ptr + h * sq0 + i[:, None] * sq1 + d[None, :], mask=(i < L)[:, None], other=0.0)
-                if UPCAST:
-                    q = q.to(tl.float32)
-                lse = tl.load(lse_ptr + h * L + i, mask=i < L, other=0.0)
-                s = tl.dot(q, tl.trans(kk), input_precision=PREC) * qk_scale
-                pmax = tl.maximum(pmax, tl.where(seen, tl.exp2(s - lse[:, None]), 0.0))
-            acc += tl.sum(pmax, 0)
+        # query tiles: the diagonal (masked), those past it (every query sees every key), the last (masked)
+        lo = kb * BLOCK_K // BLOCK_Q * BLOCK_Q
+        hi = tl.minimum(tl.cdiv((kb + 1) * BLOCK_K, BLOCK_Q) * BLOCK_Q, L)
+        full = L // BLOCK_Q * BLOCK_Q
+        for i0 in range(lo, hi, BLOCK_Q):
+            acc += _column_tile(q_ptr, lse_ptr, kk, i0 + tl.arange(0, BLOCK_Q), j, kvh, sq0, sq1, L, qk_scale,
+                                G, D, BLOCK_Q, BLOCK_K, UPCAST, PREC, True)
+        for i0 in range(hi, full, BLOCK_Q):
+            acc += _column_tile(q_ptr, lse_ptr, kk, i0 + tl.arange(0, BLOCK_Q), j, kvh, sq0, sq1, L, qk_scale,
+                                G, D, BLOCK_Q, BLOCK_K, UPCAST, PREC, False)
+        for i0 in range(tl.maximum(hi, full), L, BLOCK_Q):
+            acc += _column_tile(q_ptr, lse_ptr, kk, i0 + tl.arange(0, BLOCK_Q), j, kvh, sq0, sq1, L, qk_scale,
+                                G, D, BLOCK_Q, BLOCK_K, UPCAST, PREC, True)
         tl.store(out_ptr + kvh * L + j, acc, mask=j < L)
 
 
@@ -405,10 +435,10 @@ def pooled_top_torch(probs, n_kv, pool, k, last=None):
     return best.indices.masked_fill(best.values == float("-inf"), -1), best.values
 
 
-# Radix select on the scores' float32 bits (non-negative floats order like their bits): three
-# digits, most significant first; each pass counts the digits of the entries that match the
-# prefix chosen so far, and the next pass picks the digit where the k-th largest lies.
-DIGITS = ((20, 11), (10, 10), (0, 10))  # (shift, bits) of each pass; bit 31 (sign) is 0
+# Radix select on the scores' float32 bits (non-negative floats order like their bits): four 8-bit
+# digits, most significant first; each pass counts the digits of the entries that match the prefix
+# chosen so far, and the next pass picks the digit where the k-th largest lies. 256 bins a pass:
+# Triton's histogram (tl.histogram) costs instructions in proportion to its bins.
 
 if triton is not None:
 
@@ -420,11 +450,11 @@ if triton is not None:
         return False
 
     @triton.jit
-    def _digit(hist_ptr, row, rem, NB: tl.constexpr):
+    def _digit(hist_ptr, row, rem):
         """From one pass's histogram row: the digit where the rem-th largest entry lies, and how
         many are still to take among the entries with that digit (every larger digit is taken)."""
-        b = tl.arange(0, NB)
-        h = tl.load(hist_ptr + row * 2048 + b)
+        b = tl.arange(0, 256)
+        h = tl.load(hist_ptr + row * 256 + b)
         ge = tl.sum(h, 0) - tl.cumsum(h, 0) + h                      # entries with digit >= b
         d = tl.max(tl.where(ge >= rem, b, 0), 0)
         return d, rem - tl.sum(tl.where(b > d, h, 0), 0)
@@ -433,14 +463,11 @@ if triton is not None:
     def _threshold(hist_ptr, kvh, Hkv, k, PASSES: tl.constexpr):
         """From the histograms of the first PASSES passes: (the k-th largest value's leading bits,
         how many of the entries sharing them are still to take)."""
-        d, rem = _digit(hist_ptr, kvh, k, 2048)
-        prefix = d << 20
-        if PASSES > 1:
-            d, rem = _digit(hist_ptr, Hkv + kvh, rem, 1024)
-            prefix = prefix | (d << 10)
-        if PASSES > 2:
-            d, rem = _digit(hist_ptr, 2 * Hkv + kvh, rem, 1024)
-            prefix = prefix | d
+        d, rem = _digit(hist_ptr, kvh, k)
+        prefix = d << 24
+        for p in tl.static_range(1, PASSES):
+            d, rem = _digit(hist_ptr, p * Hkv + kvh, rem)
+            prefix = prefix | (d << (24 - 8 * p))
         return prefix, rem
 
     @triton.jit
@@ -459,7 +486,7 @@ if triton is not None:
             return
         kvh = tl.program_id(0)
         start = tl.program_id(1) * chunk
-        hist = tl.zeros([2048], tl.int32)
+        hist = tl.zeros([256], tl.int32)
         bad = 0
         for j0 in range(start, tl.minimum(start + chunk, N), BLOCK):
             j = j0 + tl.arange(0, BLOCK)
@@ -475,31 +502,31 @@ if triton is not None:
             tl.store(s_ptr + kvh * N + j, best, mask=j < N)
             u, ok = _bits(best)
             ok = ok & (j < N)
-            hist += tl.histogram(tl.where(ok, (u >> 20) & 2047, 0), 2048)
+            hist += tl.histogram(tl.where(ok, (u >> 24) & 255, 0), 256)
             bad += tl.sum((~ok).to(tl.int32), 0)      # counted in bin 0: taken out below
-        b = tl.arange(0, 2048)
-        tl.atomic_add(hist_ptr + kvh * 2048 + b, hist - tl.where(b == 0, bad, 0))
+        b = tl.arange(0, 256)
+        tl.atomic_add(hist_ptr + kvh * 256 + b, hist - tl.where(b == 0, bad, 0))
 
     @triton.jit(do_not_specialize=["N", "chunk", "k"])
     def _hist_kernel(s_ptr, hist_ptr, flag_ptr, N, chunk, Hkv, k, PASS: tl.constexpr,
                      BLOCK: tl.constexpr, HAS_FLAG: tl.constexpr):
-        """Pass 1 or 2: histogram of the next 10 bits among the entries matching the prefix."""
+        """Pass 1, 2 or 3: histogram of the next 8 bits among the entries matching the prefix."""
         if _skip(flag_ptr, HAS_FLAG):
             return
         kvh = tl.program_id(0)
         start = tl.program_id(1) * chunk
-        shift: tl.constexpr = 10 if PASS == 1 else 0
+        shift: tl.constexpr = 24 - 8 * PASS
         prefix, rem = _threshold(hist_ptr, kvh, Hkv, k, PASS)
-        hist = tl.zeros([1024], tl.int32)
+        hist = tl.zeros([256], tl.int32)
         bad = 0
         for j0 in range(start, tl.minimum(start + chunk, N), BLOCK):
             j = j0 + tl.arange(0, BLOCK)
             u, ok = _bits(tl.load(s_ptr + kvh * N + j, mask=j < N, other=float("-inf")))
-            ok = ok & ((u >> (shift + 10)) == (prefix >> (shift + 10)))
-            hist += tl.histogram(tl.where(ok, (u >> shift) & 1023, 0), 1024)
+            ok = ok & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
+            hist += tl.histogram(tl.where(ok, (u >> shift) & 255, 0), 256)
             bad += tl.sum((~ok).to(tl.int32), 0)
-        b = tl.arange(0, 1024)
-        tl.atomic_add(hist_ptr + (PASS * Hkv + kvh) * 2048 + b, hist - tl.where(b == 0, bad, 0))
+        b = tl.arange(0, 256)
+        tl.atomic_add(hist_ptr + (PASS * Hkv + kvh) * 256 + b, hist - tl.where(b == 0, bad, 0))
 
     @triton.jit(do_not_specialize=["N", "chunk", "k"])
     def _count_kernel(s_ptr, hist_ptr, cnt_ptr, flag_ptr, N, chunk, Hkv, k, P,
@@ -509,7 +536,7 @@ if triton is not None:
             return
         kvh = tl.program_id(0)
         pid = tl.program_id(1)
-        t, rem = _threshold(hist_ptr, kvh, Hkv, k, 3)
+        t, rem = _threshold(hist_ptr, kvh, Hkv, k, 4)
         gt = 0
         eq = 0
         for j0 in range(pid * chunk, tl.minimum(pid * chunk + chunk, N), BLOCK):
@@ -529,7 +556,7 @@ if triton is not None:
             return
         kvh = tl.program_id(0)
         pid = tl.program_id(1)
-        t, rem = _threshold(hist_ptr, kvh, Hkv, k, 3)
+        t, rem = _threshold(hist_ptr, kvh, Hkv, k, 4)
         q = tl.arange(0, BLOCK_P)
         gt = tl.load(cnt_ptr + (kvh * P + q) * 2, mask=q < P, other=0)
         eq = tl.load(cnt_ptr + (kvh * P + q) * 2 + 1, mask=q < P, other=0)
@@ -556,28 +583,31 @@ if triton is not None:
                 tl.store(val_ptr + kvh * sv0 + e, tl.full([BLOCK], float("-inf"), tl.float32), mask=e < k)
 
 
+SELECT_CONFIG = dict(programs=32, block=1024)  # CUDA: programs per KV head, entries per block
+
+
 def pooled_top_triton(probs, n_kv, pool, k, last=None, out=None, flag=None, programs=None, block=None):
-    """Triton pooled_top: one pass makes the pooled scores and the first digit's histogram, two
-    more refine the threshold, then a count and a compaction: five launches, no sort."""
+    """Triton pooled_top: one pass makes the pooled scores and the first digit's histogram, three
+    more refine the threshold, then a count and a compaction: six launches, no sort."""
     H, N = probs.shape
     probs = probs.contiguous().float()
     dev = probs.device
-    P = programs or (32 if probs.is_cuda else 2)
-    P = max(1, min(P, triton.cdiv(N, 256)))
-    BLOCK = block or (1024 if probs.is_cuda else 256)
+    cfg = SELECT_CONFIG if probs.is_cuda else dict(programs=2, block=256)
+    P = max(1, min(programs or cfg["programs"], triton.cdiv(N, 256)))
+    BLOCK = block or cfg["block"]
     chunk = triton.cdiv(triton.cdiv(N, P), BLOCK) * BLOCK            # whole blocks per program
     P = triton.cdiv(N, chunk)
     idx, val = out if out is not None else (torch.empty(n_kv, k, dtype=torch.long, device=dev),
                                              torch.empty(n_kv, k, dtype=torch.float32, device=dev))
     s = torch.empty(n_kv, N, dtype=torch.float32, device=dev)
-    hist = torch.zeros(3, n_kv, 2048, dtype=torch.int32, device=dev)
+    hist = torch.zeros(4, n_kv, 256, dtype=torch.int32, device=dev)
     cnt = torch.empty(n_kv, P, 2, dtype=torch.int32, device=dev)
     fl = dict(HAS_FLAG=flag is not None)
     flag = s if flag is None else flag
     grid = (n_kv, P)
     _pool_hist_kernel[grid](probs, s, hist, s if last is None else last, flag, N, chunk, n_kv,
                             G=H // n_kv, POOL=pool, BLOCK=BLOCK, HAS_LAST=last is not None, **fl)
-    for p in (1, 2):
+    for p in (1, 2, 3):
         _hist_kernel[grid](s, hist, flag, N, chunk, n_kv, k, PASS=p, BLOCK=BLOCK, **fl)
     _count_kernel[grid](s, hist, cnt, flag, N, chunk, n_kv, k, P, BLOCK=BLOCK, **fl)
     _compact_kernel[grid](s, hist, cnt, idx, val, flag, N, chunk, n_kv, k, P, idx.stride(0), val.stride(0),
@@ -610,6 +640,62 @@ def pooled_top(probs, n_kv, pool, k, last=None, out=None, flag=None, kernel="aut
     out[0].copy_(idx)
     out[1].copy_(val)
     return out
+
+
+# ----------------------------------------------------------------------------- a partial step's join
+
+def join_torch(idx, rank, pos, flag=None):
+    """Reference for join: argmin of each row's ranks (the first of equal ones), then the current
+    token and its rank 1 + pos written into that slot; with flag, only where it holds 0."""
+    slot = rank.argmin(1, keepdim=True)
+    new = pos.view(1, 1).expand(idx.shape[0], 1)
+    if flag is None:
+        idx.scatter_(1, slot, new)
+        rank.scatter_(1, slot, 1.0 + new.float())
+        return
+    keep = flag.view(1, 1) != 0
+    idx.scatter_(1, slot, torch.where(keep, idx.gather(1, slot), new))
+    rank.scatter_(1, slot, torch.where(keep, rank.gather(1, slot), 1.0 + new.float()))
+
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["K"])
+    def _join_kernel(idx_ptr, rank_ptr, pos_ptr, flag_ptr, K, si0, sr0, BLOCK: tl.constexpr,
+                     HAS_FLAG: tl.constexpr):
+        """Program per row: the first slot of the lowest rank takes the current token."""
+        if HAS_FLAG:
+            if tl.load(flag_ptr) != 0:
+                return
+        row = tl.program_id(0)
+        best = tl.full([BLOCK], float("inf"), tl.float32)
+        at = tl.zeros([BLOCK], tl.int32)
+        for j0 in range(0, K, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            r = tl.load(rank_ptr + row * sr0 + j, mask=j < K, other=float("inf"))
+            lower = r < best                          # strictly: each lane keeps its first
+            best = tl.where(lower, r, best)
+            at = tl.where(lower, j, at)
+        slot = tl.min(tl.where(best == tl.min(best, 0), at, K), 0)
+        cur = tl.load(pos_ptr)
+        tl.store(idx_ptr + row * si0 + slot, cur.to(idx_ptr.dtype.element_ty))
+        tl.store(rank_ptr + row * sr0 + slot, 1.0 + cur.to(tl.float32))
+
+
+def join(idx, rank, pos, flag=None, kernel="auto"):
+    """RefreshKV's partial step, in place: in each row of idx [Hkv, K] (positions) and rank [Hkv, K]
+    float32 (their ranks), the slot of the lowest rank (the first of equal ones) takes the current
+    token pos (a one-element tensor on the device) with rank 1 + pos. flag: None, or a one-element
+    integer tensor on the device: where it holds nonzero nothing changes. kernel: "torch"
+    (reference), "triton" (one launch), or "auto"."""
+    if kernel == "auto":
+        kernel = "triton" if idx.device.type == "cuda" and triton is not None else "torch"
+    if kernel == "torch":
+        return join_torch(idx, rank, pos, flag)
+    K = idx.shape[1]
+    block = min(4096, triton.next_power_of_2(K))
+    _join_kernel[(idx.shape[0],)](idx, rank, pos, rank if flag is None else flag, K, idx.stride(0), rank.stride(0),
+                                  BLOCK=block, HAS_FLAG=flag is not None, num_warps=8 if block >= 2048 else 4)
 
 
 # ----------------------------------------------------------------------------- decode step: fused small ops

@@ -27,7 +27,7 @@ import typing
 import torch
 import torch.nn.functional as F
 
-from kernels import column_scores, decode_attention, pooled_top
+from kernels import column_scores, decode_attention, join, pooled_top
 
 
 def group_max(probs, n_kv):
@@ -192,16 +192,9 @@ class RefreshKV(Policy):
     def join(self, layer, pos, flag=None):
         """The current token joins and the lowest-ranked member leaves (an empty slot first; between
         equal scores, either). A joined token's rank is 1 + its position: above any score, and the
-        oldest joined token ranks lowest. With flag (a device tensor): only where it is not set."""
-        slot = self.rank[layer].argmin(1, keepdim=True)
-        new = current(pos, self.n_kv)
-        if flag is None:
-            self.small[layer].scatter_(1, slot, new)
-            self.rank[layer].scatter_(1, slot, 1.0 + new.float())
-            return
-        keep = flag.view(1, 1) != 0
-        self.small[layer].scatter_(1, slot, torch.where(keep, self.small[layer].gather(1, slot), new))
-        self.rank[layer].scatter_(1, slot, torch.where(keep, self.rank[layer].gather(1, slot), 1.0 + new.float()))
+        oldest joined token ranks lowest. With flag (a device tensor): only where it is not set.
+        (kernels.join: one launch on the GPU.)"""
+        join(self.small[layer], self.rank[layer], pos, flag, self.kernel)
 
     def check_step(self, layer, q, k, v, pos, q_raw):
         """A similarity check decided on the GPU, so that the step replays a CUDA graph like any other:

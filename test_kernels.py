@@ -496,6 +496,27 @@ def test_pooled_top_flag(kernel):
 
 
 @pytest.mark.parametrize("kernel", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_join(kernel):
+    """In each row the first slot of the lowest rank (empty slots, -inf, first) takes pos with rank
+    1 + pos; under a flag that holds nonzero nothing changes. Rows longer than the kernel's block."""
+    gen = torch.Generator().manual_seed(0)
+    for K in (1, 7, 300, 5000):
+        rank = (torch.rand(3, K, generator=gen) * 4).floor()  # few distinct ranks: ties
+        rank[1, torch.randint(0, K, (2,), generator=gen)] = float("-inf")
+        idx = torch.randint(0, 9000, (3, K), generator=gen)
+        pos = torch.tensor([9000])
+        want_idx, want_rank = idx.clone(), rank.clone()
+        for r in range(3):
+            s = int((rank[r] == rank[r].min()).nonzero()[0])
+            want_idx[r, s], want_rank[r, s] = 9000, 9001.0
+        for flag, want in ((None, (want_idx, want_rank)), (1, (idx, rank)), (0, (want_idx, want_rank))):
+            got = idx.clone().to(DEV), rank.clone().to(DEV)
+            f = None if flag is None else torch.tensor([flag], dtype=torch.int32, device=DEV)
+            kernels.join(*got, pos.to(DEV), f, kernel=kernel)
+            assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1]), (K, flag)
+
+
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_full_flag(kernel, dtype):
     """A flag on the device picks the pass: nonzero gives idx=None's out and probs bit for bit,
