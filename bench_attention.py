@@ -5,7 +5,7 @@ GPU:  python bench_attention.py [--sweep] [--quick] [--prefill] [--ctx 65536 131
       contexts 4K..128K, index budgets L/8 and L/32, sorted and unsorted indices.
       --quick: only SDPA dense, the full step with scores and sparse L/8 (unsorted).
       --prefill: H2O's prompt column sums (kernels.column_scores) against causal SDPA over the
-      prompt, per layer, seconds (no decode rows).
+      prompt, per layer, seconds (no decode rows); with --sweep, each pass's tiles first.
 CPU:  python bench_attention.py --cpu   (tiny shapes, Triton interpreter: checks it runs)
 
 A context T is a cache buffer of T + 256 positions with the current token at pos = T - 1,
@@ -233,25 +233,26 @@ def time_once(fn, reps=3):
 
 def prefill_rows():
     """H2O's prompt column sums against causal SDPA over the same prompt (one layer), seconds;
-    the Triton tiles are chosen at the shortest context first (GPU)."""
+    with --sweep the Triton tiles of each pass are chosen at the shortest context first (GPU)."""
     def inputs(T):
         return (torch.randn(H, T, D, device=DEV).to(DT), torch.randn(HKV, T, D, device=DEV).to(DT),
                 torch.randn(HKV, T, D, device=DEV).to(DT))
-    if DEV == "cuda":
+    if DEV == "cuda" and args.sweep:
         q, k, _ = inputs(CTXS[0])
-        best = {}
         import triton
-        for bq, bk, w in ((64, 64, 4), (64, 128, 4), (128, 64, 8), (128, 128, 8), (64, 64, 8)):
-            try:
-                t = time_once(lambda: kernels.column_scores_triton(q, k, bq, bk, w))
-            except triton.runtime.errors.OutOfResources:
-                log(f"column_scores tiles {bq} {bk} {w}: do not fit")
-                continue
-            best[(bq, bk, w)] = t
-            log(f"column_scores tiles (block_q, block_k, warps) {bq} {bk} {w}: {1e3 * t:.2f} ms at {CTXS[0]}")
-        bq, bk, w = min(best, key=best.get)
-        kernels.COLUMN_CONFIG.update(block_q=bq, block_k=bk, num_warps=w)
-        log(f"chosen: {kernels.COLUMN_CONFIG}")
+        cfg = kernels.COLUMN_CONFIG
+        for p in ("rows", "columns"):  # one pass's tiles at a time, the other pass's as configured
+            best = {}
+            for tiles in ((64, 64, 4), (64, 128, 8), (128, 64, 8), (128, 128, 8)):
+                try:
+                    t = time_once(lambda: kernels.column_scores_triton(q, k, **dict(cfg, **{p: tiles})))
+                except triton.runtime.errors.OutOfResources:
+                    log(f"column_scores {p} tiles {tiles}: do not fit")
+                    continue
+                best[tiles] = t
+                log(f"column_scores {p} tiles (block_q, block_k, warps) {tiles}: {1e3 * t:.2f} ms at {CTXS[0]} (both passes)")
+            cfg[p] = min(best, key=best.get)
+        log(f"chosen: {cfg}")
     table = ["| context | causal SDPA s | column_scores s | ÷ SDPA | torch reference s | max abs diff |",
              "|---:|---:|---:|---:|---:|---:|"]
     for T in CTXS:

@@ -375,28 +375,30 @@ if triton is not None:
         tl.store(out_ptr + kvh * L + j, acc, mask=j < L)
 
 
-def column_scores_triton(q, k, block_q=None, block_k=None, num_warps=None):
-    """Two passes over [BLOCK_Q, BLOCK_K] tiles: row log-sum-exps, then column sums."""
+def column_scores_triton(q, k, rows=None, columns=None):
+    """Two passes over [BLOCK_Q, BLOCK_K] tiles: row log-sum-exps, then column sums. rows, columns:
+    each pass's (block_q, block_k, num_warps), default COLUMN_CONFIG's."""
     H, L, D = q.shape
     Hkv = k.shape[0]
     q = q if q.stride(2) == 1 else q.contiguous()
     k = k if k.stride(2) == 1 else k.contiguous()
-    cfg = COLUMN_CONFIG if q.is_cuda else dict(block_q=32, block_k=32, num_warps=4)
-    bq, bk = block_q or cfg["block_q"], block_k or cfg["block_k"]
-    warps = num_warps or cfg["num_warps"]
+    cfg = COLUMN_CONFIG if q.is_cuda else dict(rows=(32, 32, 4), columns=(32, 32, 4))
+    rows, columns = rows or cfg["rows"], columns or cfg["columns"]
     lse = torch.empty(H, L, dtype=torch.float32, device=q.device)
     out = torch.empty(Hkv, L, dtype=torch.float32, device=q.device)
     scale = math.log2(math.e) / math.sqrt(D)
-    common = dict(G=H // Hkv, D=D, BLOCK_Q=bq, BLOCK_K=bk, UPCAST=INTERPRET,
-                  PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=warps)
-    _row_lse_kernel[(H, triton.cdiv(L, bq))](q, k, lse, q.stride(0), q.stride(1), k.stride(0),
-                                             k.stride(1), L, scale, **common)
-    _column_kernel[(Hkv, triton.cdiv(L, bk))](q, k, lse, out, q.stride(0), q.stride(1), k.stride(0),
-                                              k.stride(1), L, scale, **common)
+    common = dict(G=H // Hkv, D=D, UPCAST=INTERPRET, PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    bq, bk, w = rows
+    _row_lse_kernel[(H, triton.cdiv(L, bq))](q, k, lse, q.stride(0), q.stride(1), k.stride(0), k.stride(1), L,
+                                             scale, BLOCK_Q=bq, BLOCK_K=bk, num_warps=w, **common)
+    bq, bk, w = columns
+    _column_kernel[(Hkv, triton.cdiv(L, bk))](q, k, lse, out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+                                              L, scale, BLOCK_Q=bq, BLOCK_K=bk, num_warps=w, **common)
     return out
 
 
-COLUMN_CONFIG = dict(block_q=64, block_k=64, num_warps=4)  # CUDA; bench_attention.py --prefill
+# CUDA tiles (block_q, block_k, num_warps) of the two passes; bench_attention.py --prefill --sweep
+COLUMN_CONFIG = dict(rows=(64, 64, 4), columns=(64, 64, 4))
 
 
 def column_scores(q, k, kernel="auto", block=256):

@@ -408,12 +408,16 @@ def test_column_scores(Hkv, G, L, D, dtype, seed):
 
 @needs_triton
 def test_column_scores_tiles_and_strides():
-    """Lengths around the tile size and a strided view of q give the same columns."""
+    """Lengths around the tile sizes, query tiles shorter or longer than key tiles, and a strided
+    view of q give the same columns."""
     for L in (31, 32, 33, 64, 65):
         gen = torch.Generator().manual_seed(L)
         qb = torch.randn(4, L, 64, generator=gen).to(DEV)
         q, k = qb[:, :, :32], torch.randn(2, L, 32, generator=gen).to(DEV)  # q: non-contiguous
-        close(kernels.column_scores(q, k, kernel="triton"), columns64(q, k).float().to(DEV), 1e-5)
+        want = columns64(q, k).float().to(DEV)
+        close(kernels.column_scores(q, k, kernel="triton"), want, 1e-5)
+        for a, b in (((16, 32, 4), (32, 16, 4)), ((32, 16, 4), (16, 32, 4))):  # (block_q, block_k, warps)
+            close(kernels.column_scores_triton(q, k, rows=a, columns=b), want, 1e-5)
 
 
 def test_column_scores_validation():
