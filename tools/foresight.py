@@ -1,0 +1,120 @@
+"""How far a fixed stride could go: RefreshKV whose full steps see what the next steps will need.
+
+    python tools/foresight.py --n 20 --stride 10 --budget 0.125 --length 2000   # ~15 min on a 2-core CPU
+
+A fixed stride's partial steps attend only to what the last full step selected, and a full step
+selects what its own query attends to now. Here each example (training-distribution seeds, not
+eval.py's) is teacher-forced three times: under full attention, recording every decode step's
+scores in every layer; under RefreshKV as it is; and under Foresight, a RefreshKV whose full step
+selects the top-K of the max of its own scores and the recorded full-attention scores of the next
+stride-1 steps: what a full step would keep if its query already looked where those steps will.
+If Foresight matches full attention, what the stride lacks is the query's foresight, which
+training can teach (train.py --lookahead); if not, no training rescues that stride and budget.
+Results go to --out (foresight.md), with eval.py's 95% intervals.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import tasks  # noqa: E402
+from eval import FIT_SEED, examples, wilson  # noqa: E402
+from model import load  # noqa: E402
+from policies import Policy, RefreshKV, budget_tokens  # noqa: E402
+from refreshkv import BUNDLED_MODEL, generate  # noqa: E402
+
+
+class Recorder(Policy):
+    """Full attention that keeps each decode step's scores [H, N], by (step t, layer)."""
+
+    full_steps = True
+
+    def __init__(self):
+        self.scores, self.t = {}, 1
+
+    def plan(self, t):
+        self.t = t
+        return "decode"
+
+    def attend(self, layer, q, k, v, pos, q_raw):
+        out, probs = self.run(q, k, v, pos, None, scores=True)
+        self.scores[self.t, layer] = probs.float().clone()
+        return out
+
+
+class Foresight(RefreshKV):
+    """RefreshKV whose refresh at step t (the prefill: t = 1) ranks positions by the max of its own
+    scores and the recorded scores of steps t+1 .. t+stride-1, the partial steps it serves."""
+
+    def __init__(self, budget, stride, scores):
+        super().__init__(budget, stride)
+        self.future, self.t = scores, 1
+
+    def plan(self, t):
+        self.t = t
+        return super().plan(t)
+
+    def refresh(self, layer, probs, q_raw, last=None, flag=None):
+        for u in range(max(2, self.t + 1), self.t + self.stride):  # decode steps start at t = 2
+            if (u, layer) in self.future:
+                probs = torch.maximum(probs, self.future[u, layer][:, :probs.shape[1]])
+        super().refresh(layer, probs, q_raw, last, flag)
+
+
+def teacher_forced(model, prompt, gold, policy):
+    """The greedy choices' agreement with the gold answer: (exact, right tokens)."""
+    logits = torch.stack([lg for _, lg in generate(model, prompt, policy, len(gold), forced=gold, graphs=False)])
+    right = int((logits.argmax(-1) == torch.tensor(gold, device=logits.device)).sum())
+    return right == len(gold), right
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=str(BUNDLED_MODEL))
+    p.add_argument("--n", type=int, default=20, help="examples per task")
+    p.add_argument("--stride", type=int, default=10)
+    p.add_argument("--budget", type=float, default=0.125, help="K as a fraction of the input")
+    p.add_argument("--length", type=int, default=2000, help="input length in tokens")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="out/foresight")
+    args = p.parse_args()
+    if args.n < 1 or args.stride < 1 or not 0 < args.budget <= 1:
+        p.error("--n and --stride must be at least 1 and --budget a fraction in (0, 1]")
+    try:
+        model, tok = load(args.model, args.device, torch.float32 if args.device == "cpu" else torch.bfloat16)
+    except (ValueError, OSError) as e:
+        p.error(str(e).splitlines()[0])
+    if args.length * 1.1 + 100 > model.args.max_seq_len:
+        p.error(f"--length {args.length} does not fit the model's context of {model.args.max_seq_len} tokens")
+    start = time.time()
+    lines = [f"{args.model}: stride {args.stride}, K = {args.budget:g} L, ~{args.length} tokens, {args.n} examples "
+             f"per task (seeds {FIT_SEED}+), teacher-forced", "",
+             "| task | policy | exact match [95% CI] | token acc |", "|---|---|---|---|"]
+    for task in tasks.TASK_NAMES:
+        found = {"full": [0, 0], "refreshkv": [0, 0], "foresight": [0, 0]}
+        total = 0
+        for ex in examples(task, args.n, args.length, FIT_SEED):
+            prompt, gold = tok.encode(ex.prompt, bos=True), tok.encode(ex.answer)
+            K, record = budget_tokens(args.budget, len(prompt)), Recorder()
+            for name, policy in (("full", record), ("refreshkv", RefreshKV(K, args.stride)),
+                                 ("foresight", Foresight(K, args.stride, record.scores))):
+                exact, right = teacher_forced(model, prompt, gold, policy)
+                found[name][0] += exact
+                found[name][1] += right
+            total += len(gold)
+        for name, (exact, right) in found.items():
+            lo, hi = wilson(exact, args.n)
+            lines.append(f"| {task} | {name} | {exact / args.n:.0%} [{lo:.0%}, {hi:.0%}] | {right / total:.1%} |")
+        print("\n".join(lines[-3:]), flush=True)
+    lines[0] += f", {time.time() - start:.0f} s"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "foresight.md").write_text("\n".join(lines) + "\n")
+    print(lines[0])
+
+
+if __name__ == "__main__":
+    main()
