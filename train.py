@@ -403,7 +403,7 @@ def sdpa_context(model, device, log):
         return contextlib.nullcontext
 
 
-def train_step(model, inp, tgt, w, amp, attn_ctx, attention=None, look_weight=1.0):
+def train_step(model, inp, tgt, w, amp, attn_ctx, attention=None, look_weight=1.0, focus=False):
     """Forward and backward of the weighted loss (plus look_weight times the look-ahead loss, if the
     attention has one); returns the loss, the per-token cross-entropy [B, T] and the logits (for the log).
     attention: a RefreshAttention, or None for plain causal attention."""
@@ -413,7 +413,11 @@ def train_step(model, inp, tgt, w, amp, attn_ctx, attention=None, look_weight=1.
         ce = ce.view_as(tgt)
         loss = (ce * w).sum() / w.sum().clamp(min=1)
         aux = getattr(attention, "aux", None)
-        look = torch.stack([a for a, _ in aux]).mean() if aux else None  # mean over layers
+        look = None
+        if aux:  # mean over layers; with focus, each layer weighted by what its selection still misses
+            losses, recalls = torch.stack([a for a, _ in aux]), torch.stack([r for _, r in aux])
+            w = (1 - recalls).clamp(min=1e-3) if focus else torch.ones_like(recalls)
+            look = (w / w.mean() * losses).mean()
         (loss if look is None else loss + look_weight * look).backward()
     return loss, ce, logits
 
@@ -500,6 +504,8 @@ def main():
     ap.add_argument("--lookahead", type=int, default=0,
                     help="with --aware: W > 1 adds the look-ahead loss (a full step keeps what the next W-1 steps need)")
     ap.add_argument("--lookahead-weight", type=float, default=1.0, help="the look-ahead loss's weight against the token loss")
+    ap.add_argument("--lookahead-focus", action="store_true",
+                    help="weight each layer's look-ahead loss by 1 - its recall (the layers that miss most)")
     ap.add_argument("--vocab", type=int, default=None, help="BPE ranks to train (default 2046; tiny: 320)")
     ap.add_argument("--tokenizer", help="a tokenizer.model rank file to use instead of training one")
     args = ap.parse_args()
@@ -580,7 +586,7 @@ def main():
             g["lr"] = lr
         attention, setting = refresh_attention(draw, c[:, :-1], args.lookahead) if aware else (None, None)
         try:
-            loss, ce, logits = train_step(model, inp, tgt, w, amp, attn_ctx, attention, args.lookahead_weight)
+            loss, ce, logits = train_step(model, inp, tgt, w, amp, attn_ctx, attention, args.lookahead_weight, args.lookahead_focus)
         except Exception as e:
             if not compiled:
                 raise
