@@ -46,9 +46,13 @@ def test_foresight_selects_by_the_next_steps_scores():
     assert checked.differs  # the future changed some selection: the case is not trivial
 
 
-def test_foresight_without_a_future_is_refreshkv():
+def test_foresight_without_a_future_or_a_layer_is_refreshkv():
     model = tiny_model()
     prompt, gold = torch.randint(0, 64, (90,)).tolist(), torch.randint(0, 64, (30,)).tolist()
     run = lambda policy: torch.stack([lg for _, lg in generate(model, prompt, policy, len(gold), forced=gold,
                                                                graphs=False)])
     assert torch.equal(run(Foresight(12, 5, {})), run(RefreshKV(12, 5)))
+    record = Recorder()
+    teacher_forced(model, prompt, gold, record)
+    assert torch.equal(run(Foresight(12, 5, record.scores, layers=set())), run(RefreshKV(12, 5)))
+    assert not torch.equal(run(Foresight(12, 5, record.scores, layers={1})), run(RefreshKV(12, 5)))

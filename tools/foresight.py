@@ -10,6 +10,8 @@ selects the top-K of the max of its own scores and the recorded full-attention s
 stride-1 steps: what a full step would keep if its query already looked where those steps will.
 If Foresight matches full attention, what the stride lacks is the query's foresight, which
 training can teach (train.py --lookahead); if not, no training rescues that stride and budget.
+--layers gives the foresight to some layers only (the others refresh as RefreshKV does): which
+layer's query is the one that does not look ahead?
 Results go to --out (foresight.md), with eval.py's 95% intervals.
 """
 import argparse
@@ -47,11 +49,12 @@ class Recorder(Policy):
 
 class Foresight(RefreshKV):
     """RefreshKV whose refresh at step t (the prefill: t = 1) ranks positions by the max of its own
-    scores and the recorded scores of steps t+1 .. t+stride-1, the partial steps it serves."""
+    scores and the recorded scores of steps t+1 .. t+stride-1, the partial steps it serves; only in
+    `layers` (None: every layer), the others refresh as RefreshKV does."""
 
-    def __init__(self, budget, stride, scores):
+    def __init__(self, budget, stride, scores, layers=None):
         super().__init__(budget, stride)
-        self.future, self.t = scores, 1
+        self.future, self.t, self.layers = scores, 1, layers
 
     def plan(self, t):
         self.t = t
@@ -59,7 +62,7 @@ class Foresight(RefreshKV):
 
     def refresh(self, layer, probs, q_raw, last=None, flag=None):
         for u in range(max(2, self.t + 1), self.t + self.stride):  # decode steps start at t = 2
-            if (u, layer) in self.future:
+            if (u, layer) in self.future and (self.layers is None or layer in self.layers):
                 probs = torch.maximum(probs, self.future[u, layer][:, :probs.shape[1]])
         super().refresh(layer, probs, q_raw, last, flag)
 
@@ -78,19 +81,27 @@ def main():
     p.add_argument("--stride", type=int, default=10)
     p.add_argument("--budget", type=float, default=0.125, help="K as a fraction of the input")
     p.add_argument("--length", type=int, default=2000, help="input length in tokens")
+    p.add_argument("--layers", help="comma-separated layers whose full steps see ahead (default: every layer)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="out/foresight")
     args = p.parse_args()
     if args.n < 1 or args.stride < 1 or not 0 < args.budget <= 1:
         p.error("--n and --stride must be at least 1 and --budget a fraction in (0, 1]")
     try:
+        layers = None if args.layers is None else {int(x) for x in args.layers.split(",")}
+    except ValueError:
+        p.error(f"--layers takes comma-separated layer numbers, got {args.layers!r}")
+    try:
         model, tok = load(args.model, args.device, torch.float32 if args.device == "cpu" else torch.bfloat16)
     except (ValueError, OSError) as e:
         p.error(str(e).splitlines()[0])
+    if layers is not None and not layers <= set(range(model.args.n_layers)):
+        p.error(f"--layers must lie in 0..{model.args.n_layers - 1}")
     if args.length * 1.1 + 100 > model.args.max_seq_len:
         p.error(f"--length {args.length} does not fit the model's context of {model.args.max_seq_len} tokens")
     start = time.time()
-    lines = [f"{args.model}: stride {args.stride}, K = {args.budget:g} L, ~{args.length} tokens, {args.n} examples "
+    seeing = "every layer" if layers is None else "layers " + ",".join(map(str, sorted(layers)))
+    lines = [f"{args.model}: stride {args.stride}, K = {args.budget:g} L, foresight in {seeing}, ~{args.length} tokens, {args.n} examples "
              f"per task (seeds {FIT_SEED}+), teacher-forced", "",
              "| task | policy | exact match [95% CI] | token acc |", "|---|---|---|---|"]
     for task in tasks.TASK_NAMES:
@@ -100,7 +111,7 @@ def main():
             prompt, gold = tok.encode(ex.prompt, bos=True), tok.encode(ex.answer)
             K, record = budget_tokens(args.budget, len(prompt)), Recorder()
             for name, policy in (("full", record), ("refreshkv", RefreshKV(K, args.stride)),
-                                 ("foresight", Foresight(K, args.stride, record.scores))):
+                                 ("foresight", Foresight(K, args.stride, record.scores, layers))):
                 exact, right = teacher_forced(model, prompt, gold, policy)
                 found[name][0] += exact
                 found[name][1] += right
