@@ -17,7 +17,6 @@ attention's on the same examples by an exact McNemar test (p). Inputs are held-o
 (training draws its own random ones; --fit uses yet other seeds). Results: --out/eval.csv and
 --out/eval.md, never the repo root.
 """
-import argparse
 import csv
 import json
 import math
@@ -30,7 +29,7 @@ import torch
 import tasks
 from model import args_from_config, load
 from policies import POLICIES, build, knobs, label, parse_specs
-from refreshkv import BUNDLED_MODEL, generate
+from refreshkv import BUNDLED_MODEL, Parser, generate
 
 # README's table. threshold 0.8: the bundled model's fit (`--fit`, notes/eval/fit_threshold_lookahead.txt)
 DEFAULT_POLICIES = "full,refreshkv,refreshkv:stride=1,threshold=0.8,snapkv,streamingllm,h2o,tova,oracle"
@@ -159,8 +158,9 @@ def fit_threshold(args):
              length, args.n, FIT_SEED, 0) for spec in specs for length in args.lengths for task in tasks.TASK_NAMES]
     results = list(run(jobs, args.workers))
     mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
-    per = {(s, n): [r for j, rs in zip(jobs, results) if j[2][1].get("threshold") == s and j[5] == n for r in rs]
-           for s in [None] + grid for n in args.lengths}
+    per = {(s, n): [] for s in [None] + grid for n in args.lengths}  # (threshold, length) -> rows
+    for j, rs in zip(jobs, results):
+        per[j[2][1].get("threshold"), j[5]] += rs
     ok = lambda s, n: mean(per[s, n], "token_acc") >= mean(per[None, n], "token_acc") - args.fit_drop
     best = next((s for s in grid if all(ok(s, n) for n in args.lengths)), None)
     print(f"fit on {args.n} examples per task (seeds {FIT_SEED}+), budget {args.budgets[0]:g}")
@@ -174,7 +174,7 @@ def fit_threshold(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(BUNDLED_MODEL))
     p.add_argument("--policies", default=DEFAULT_POLICIES, help="NAME[:knob=value,...],... (default: %(default)s)")
     p.add_argument("--n", type=int, default=100, help="examples per task and cell")

@@ -697,6 +697,8 @@ def join(idx, rank, pos, flag=None, kernel="auto"):
         kernel = "triton" if idx.device.type == "cuda" and triton is not None else "torch"
     if kernel == "torch":
         return join_torch(idx, rank, pos, flag)
+    if kernel != "triton":
+        raise ValueError(f"kernel must be 'torch', 'triton' or 'auto', got {kernel!r}")
     K = idx.shape[1]
     block = min(4096, triton.next_power_of_2(K))
     _join_kernel[(idx.shape[0],)](idx, rank, pos, rank if flag is None else flag, K, idx.stride(0), rank.stride(0),

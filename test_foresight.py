@@ -22,8 +22,11 @@ class Checked(Foresight):
 
     def refresh(self, layer, probs, q_raw, last=None, flag=None):
         want = probs
-        for u in range(max(2, self.t + 1), self.t + self.stride):
-            want = torch.maximum(want, self.future.get((u, layer), torch.zeros_like(probs))[:, :probs.shape[1]])
+        for u in self.ahead():
+            future = self.future.get((u, layer), torch.zeros_like(probs))[:, :probs.shape[1]].clone()
+            if last is not None:
+                future[:, int(last) + 1:] = 0
+            want = torch.maximum(want, future)
         super().refresh(layer, probs, q_raw, last, flag)
         score = pool(group_max(want, self.n_kv))
         if last is not None:
@@ -33,6 +36,13 @@ class Checked(Foresight):
         assert (chosen >= 0).all() and (score.gather(1, chosen) >= kth).all()  # K positions, each in the top K
         own = pool(group_max(probs, self.n_kv)).gather(1, chosen)
         self.differs = getattr(self, "differs", False) or bool((own < score.gather(1, chosen)).any())
+
+
+def test_foresight_sees_the_partial_steps_up_to_the_next_full_step():
+    f = Foresight(4, 5, {})
+    for t, steps in ((1, [2, 3, 4]), (5, [6, 7, 8, 9]), (10, [11, 12, 13, 14])):  # the prefill is t = 1
+        f.t = t
+        assert list(f.ahead()) == steps
 
 
 def test_foresight_selects_by_the_next_steps_scores():
@@ -49,8 +59,7 @@ def test_foresight_selects_by_the_next_steps_scores():
 def test_foresight_without_a_future_or_a_layer_is_refreshkv():
     model = tiny_model()
     prompt, gold = torch.randint(0, 64, (90,)).tolist(), torch.randint(0, 64, (30,)).tolist()
-    run = lambda policy: torch.stack([lg for _, lg in generate(model, prompt, policy, len(gold), forced=gold,
-                                                               graphs=False)])
+    run = lambda policy: torch.stack([lg for _, lg in generate(model, prompt, policy, len(gold), forced=gold)])
     assert torch.equal(run(Foresight(12, 5, {})), run(RefreshKV(12, 5)))
     record = Recorder()
     teacher_forced(model, prompt, gold, record)

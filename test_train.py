@@ -126,3 +126,10 @@ def test_lookahead_loss_leaves_the_forward_alone():
         plain, with_loss = make(0), make(10)
         assert torch.equal(model(tokens, policy=plain), model(tokens, policy=with_loss))
     assert plain.aux == [] and len(with_loss.aux) == 2  # one (loss, recall) per layer
+
+
+def test_lookahead_total_weights_layers_by_what_they_miss():
+    aux = [(torch.tensor(1.0), torch.tensor(0.5)), (torch.tensor(3.0), torch.tensor(0.9))]
+    assert torch.isclose(train.lookahead_total(aux), torch.tensor(2.0))  # the plain mean
+    # misses 0.5 and 0.1, scaled to mean 1: 5/3 and 1/3
+    assert torch.isclose(train.lookahead_total(aux, focus=True), torch.tensor((5 / 3 * 1.0 + 1 / 3 * 3.0) / 2))

@@ -30,7 +30,6 @@ settings; gradients flow through the attention but not through the discrete sele
 --lookahead W adds a loss that teaches what the selection cannot: a full step should already attend
 to what the next W-1 steps will need (RefreshAttention.lookahead_loss).
 """
-import argparse
 import heapq
 import json
 import math
@@ -53,6 +52,7 @@ import regex
 import model as llama
 import tasks
 from policies import pool
+from refreshkv import Parser
 from tokenizer import PAT_STR, Tokenizer
 
 # per-token loss classes: 0 none, 1 answer (+ its end-of-text), 2 context, 3 plain text
@@ -403,6 +403,16 @@ def sdpa_context(model, device, log):
         return contextlib.nullcontext
 
 
+def lookahead_total(aux, focus=False):
+    """The layers' look-ahead losses [(loss, recall), ...] as one: their mean, or with focus each layer
+    weighted by 1 - its recall (what its selection still misses), the weights scaled to mean 1."""
+    losses, recalls = torch.stack([a for a, _ in aux]), torch.stack([r for _, r in aux])
+    if not focus:
+        return losses.mean()
+    miss = (1 - recalls).clamp(min=1e-3)
+    return (miss / miss.mean() * losses).mean()
+
+
 def train_step(model, inp, tgt, w, amp, attn_ctx, attention=None, look_weight=1.0, focus=False):
     """Forward and backward of the weighted loss (plus look_weight times the look-ahead loss, if the
     attention has one); returns the loss, the per-token cross-entropy [B, T] and the logits (for the log).
@@ -413,12 +423,7 @@ def train_step(model, inp, tgt, w, amp, attn_ctx, attention=None, look_weight=1.
         ce = ce.view_as(tgt)
         loss = (ce * w).sum() / w.sum().clamp(min=1)
         aux = getattr(attention, "aux", None)
-        look = None
-        if aux:  # mean over layers; with focus, each layer weighted by what its selection still misses
-            losses, recalls = torch.stack([a for a, _ in aux]), torch.stack([r for _, r in aux])
-            w = (1 - recalls).clamp(min=1e-3) if focus else torch.ones_like(recalls)
-            look = (w / w.mean() * losses).mean()
-        (loss if look is None else loss + look_weight * look).backward()
+        (loss + look_weight * lookahead_total(aux, focus) if aux else loss).backward()
     return loss, ce, logits
 
 
@@ -483,7 +488,7 @@ def check(model, tok, device, tiny, n, log, batch=32):
 # ---------------------------------------------------------------- main
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = Parser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--minutes", type=float, default=6.5, help="training wall time (stops by time)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -509,6 +514,8 @@ def main():
     ap.add_argument("--vocab", type=int, default=None, help="BPE ranks to train (default 2046; tiny: 320)")
     ap.add_argument("--tokenizer", help="a tokenizer.model rank file to use instead of training one")
     args = ap.parse_args()
+    if (args.lookahead_weight != 1.0 or args.lookahead_focus) and not (args.aware and args.lookahead > 1):
+        ap.error("--lookahead-weight and --lookahead-focus need --aware and --lookahead W > 1")
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "train_log.txt"), "w")
 
@@ -614,13 +621,15 @@ def main():
                 a_acc = (logits.argmax(-1)[am] == tgt[am]).float().mean().item() if am.any() else float("nan")
             now, el = time.time(), time.time() - t0
             rate, t_log, tok_log = (tokens - tok_log) / (now - t_log), now, tokens
+            look = ""
+            if setting and attention.aux:  # (loss, recall) per layer
+                la = torch.stack([torch.stack(a) for a in attention.aux])
+                look = " | look-ahead loss {:.3f} recall {:.3f} (worst layer {:.3f})".format(
+                    *la.mean(0).tolist(), la[:, 1].min().item())
             log(f"step {step:5d} | {el:6.1f} s | T {x.shape[1] - 1:4d} x {x.shape[0]:3d} | lr {lr:.2e} | "
                 f"loss {loss.item():.4f} | answer loss {a_loss:.4f} acc {a_acc:.4f} | gnorm {gnorm:.2f} | "
                 f"{rate / 1e6:.2f} Mtok/s | data wait {wait:.1f} s"
-                + (f" | refresh S={setting[0]} K={setting[1]:.3f}L" if setting else "")
-                + (" | look-ahead loss {:.3f} recall {:.3f} (worst layer {:.3f})".format(
-                    *torch.stack([torch.stack(a) for a in attention.aux]).mean(0).tolist(),
-                    min(r.item() for _, r in attention.aux)) if setting and attention.aux else ""))
+                + (f" | refresh S={setting[0]} K={setting[1]:.3f}L" if setting else "") + look)
     loader.close()
     el = time.time() - t0
     log(f"trained {step} steps, {tokens / 1e6:.1f}M tokens in {el:.1f} s ({tokens / el / 1e6:.2f} Mtok/s, "

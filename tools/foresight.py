@@ -14,7 +14,6 @@ training can teach (train.py --lookahead); if not, no training rescues that stri
 layer's query is the one that does not look ahead?
 Results go to --out (foresight.md), with eval.py's 95% intervals.
 """
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ import tasks  # noqa: E402
 from eval import FIT_SEED, examples, wilson  # noqa: E402
 from model import load  # noqa: E402
 from policies import Policy, RefreshKV, budget_tokens  # noqa: E402
-from refreshkv import BUNDLED_MODEL, generate  # noqa: E402
+from refreshkv import BUNDLED_MODEL, Parser, generate  # noqa: E402
 
 
 class Recorder(Policy):
@@ -39,7 +38,7 @@ class Recorder(Policy):
 
     def plan(self, t):
         self.t = t
-        return "decode"
+        return None  # no CUDA graph: a replay would skip attend's Python, which records
 
     def attend(self, layer, q, k, v, pos, q_raw):
         out, probs = self.run(q, k, v, pos, None, scores=True)
@@ -58,24 +57,33 @@ class Foresight(RefreshKV):
 
     def plan(self, t):
         self.t = t
-        return super().plan(t)
+        super().plan(t)
+        return None  # no CUDA graph: the refresh reads self.t in Python
+
+    def ahead(self):
+        """The steps the refresh at step t serves: the partial ones before the next full step
+        (decode steps start at t = 2)."""
+        return range(max(2, self.t + 1), (self.t // self.stride + 1) * self.stride)
 
     def refresh(self, layer, probs, q_raw, last=None, flag=None):
-        for u in range(max(2, self.t + 1), self.t + self.stride):  # decode steps start at t = 2
-            if (u, layer) in self.future and (self.layers is None or layer in self.layers):
-                probs = torch.maximum(probs, self.future[u, layer][:, :probs.shape[1]])
+        if self.layers is None or layer in self.layers:
+            for u in (u for u in self.ahead() if (u, layer) in self.future):  # none past the answer's end
+                future = self.future[u, layer][:, :probs.shape[1]]
+                if last is not None:  # tokens after this one join the small cache anyway
+                    future = future.masked_fill(torch.arange(future.shape[1], device=future.device) > last, 0)
+                probs = torch.maximum(probs, future)
         super().refresh(layer, probs, q_raw, last, flag)
 
 
 def teacher_forced(model, prompt, gold, policy):
     """The greedy choices' agreement with the gold answer: (exact, right tokens)."""
-    logits = torch.stack([lg for _, lg in generate(model, prompt, policy, len(gold), forced=gold, graphs=False)])
+    logits = torch.stack([lg for _, lg in generate(model, prompt, policy, len(gold), forced=gold)])
     right = int((logits.argmax(-1) == torch.tensor(gold, device=logits.device)).sum())
     return right == len(gold), right
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(BUNDLED_MODEL))
     p.add_argument("--n", type=int, default=20, help="examples per task")
     p.add_argument("--stride", type=int, default=10)
@@ -91,6 +99,13 @@ def main():
         layers = None if args.layers is None else {int(x) for x in args.layers.split(",")}
     except ValueError:
         p.error(f"--layers takes comma-separated layer numbers, got {args.layers!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda, but torch sees no CUDA device")
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {args.out}: {e.strerror}")
     try:
         model, tok = load(args.model, args.device, torch.float32 if args.device == "cpu" else torch.bfloat16)
     except (ValueError, OSError) as e:
@@ -121,8 +136,6 @@ def main():
             lines.append(f"| {task} | {name} | {exact / args.n:.0%} [{lo:.0%}, {hi:.0%}] | {right / total:.1%} |")
         print("\n".join(lines[-3:]), flush=True)
     lines[0] += f", {time.time() - start:.0f} s"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "foresight.md").write_text("\n".join(lines) + "\n")
     print(lines[0])
 
