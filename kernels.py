@@ -591,15 +591,15 @@ if triton is not None:
 SELECT_CONFIG = dict(programs=64, block=1024)  # CUDA: programs per KV head, entries per block (H100, 8K and 128K)
 
 
-def pooled_top_triton(probs, n_kv, pool, k, last=None, out=None, flag=None, programs=None, block=None):
+def pooled_top_triton(probs, n_kv, pool, k, last=None, out=None, flag=None):
     """Triton pooled_top: one pass makes the pooled scores and the first digit's histogram, three
     more refine the threshold, then a count and a compaction: six launches, no sort."""
     H, N = probs.shape
     probs = probs.contiguous().float()
     dev = probs.device
     cfg = SELECT_CONFIG if probs.is_cuda else dict(programs=2, block=256)
-    P = max(1, min(programs or cfg["programs"], triton.cdiv(N, 256)))
-    BLOCK = block or cfg["block"]
+    P = max(1, min(cfg["programs"], triton.cdiv(N, 256)))
+    BLOCK = cfg["block"]
     chunk = triton.cdiv(triton.cdiv(N, P), BLOCK) * BLOCK            # whole blocks per program
     P = triton.cdiv(N, chunk)
     idx, val = out if out is not None else (torch.empty(n_kv, k, dtype=torch.long, device=dev),

@@ -191,7 +191,7 @@ class RefreshKV(Policy):
 
     def join(self, layer, pos, flag=None):
         """The current token joins and the lowest-ranked member leaves (an empty slot first; between
-        equal scores, either). A joined token's rank is 1 + its position: above any score, and the
+        equal ranks, the first). A joined token's rank is 1 + its position: above any score, and the
         oldest joined token ranks lowest. With flag (a device tensor): only where it is not set.
         (kernels.join: one launch on the GPU.)"""
         join(self.small[layer], self.rank[layer], pos, flag, self.kernel)
