@@ -28,7 +28,9 @@ under full causal attention (RefreshAttention); the other half are plain rows, s
 attention does not get worse. Stride and budget are drawn per batch, so one model serves many
 settings; gradients flow through the attention but not through the discrete selection.
 --lookahead W adds a loss that teaches what the selection cannot: a full step should already attend
-to what the next W-1 steps will need (RefreshAttention.lookahead_loss).
+to what the next W-1 steps will need (RefreshAttention.lookahead_loss); --lookahead-focus weights
+each layer's share by what its selection still misses (on the bundled model one layer decides a
+fixed stride: tools/foresight.py --layers).
 """
 import heapq
 import json
