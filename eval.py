@@ -31,7 +31,7 @@ from model import args_from_config, load
 from policies import POLICIES, build, knobs, label, parse_specs
 from refreshkv import BUNDLED_MODEL, Parser, generate
 
-# README's table. threshold 0.8: the bundled model's fit (`--fit`, notes/eval/fit_threshold_lookahead.txt)
+# README's table. threshold 0.8: the bundled model's fit (`--fit`, notes/eval/fit_threshold_lookahead_two_lengths.txt)
 DEFAULT_POLICIES = "full,refreshkv,refreshkv:stride=1,threshold=0.8,snapkv,streamingllm,h2o,tova,oracle"
 ITEMS = {"chain_of_key": 8, "multi_key": 6, "id_range": 8}  # answer lines per task
 EVAL_SEED, FIT_SEED = 2 * 10**6, 5 * 10**6  # held-out examples; threshold fitting (never reported)
