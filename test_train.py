@@ -133,3 +133,13 @@ def test_lookahead_total_weights_layers_by_what_they_miss():
     assert torch.isclose(train.lookahead_total(aux), torch.tensor(2.0))  # the plain mean
     # misses 0.5 and 0.1, scaled to mean 1: 5/3 and 1/3
     assert torch.isclose(train.lookahead_total(aux, focus=True), torch.tensor((5 / 3 * 1.0 + 1 / 3 * 3.0) / 2))
+    assert torch.isclose(train.lookahead_total(aux, layers=[1]), torch.tensor(3.0))  # layer 1 alone
+    assert torch.isclose(train.lookahead_total(aux, focus=True, layers=[0]), torch.tensor(1.0))
+
+
+def test_lookahead_layers_is_checked_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["train.py", "--aware", "--lookahead", "10", "--lookahead-layers", "4,x"])
+    with pytest.raises(SystemExit) as e:
+        train.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--lookahead-layers" in err[0]

@@ -29,9 +29,10 @@ attention does not get worse. Stride and budget are drawn per batch, so one mode
 settings; gradients flow through the attention but not through the discrete selection.
 --lookahead W adds a loss that teaches what the selection cannot: a full step should already attend
 to what the next W-1 steps will need (RefreshAttention.lookahead_loss); --lookahead-focus weights
-each layer's share by what its selection still misses (on the bundled model one layer decides a
-fixed stride: tools/foresight.py --layers).
+each layer's share by what its selection still misses, and --lookahead-layers keeps it to chosen
+layers (on the bundled model one layer decides a fixed stride: tools/foresight.py --layers).
 """
+import argparse
 import heapq
 import json
 import math
@@ -405,9 +406,11 @@ def sdpa_context(model, device, log):
         return contextlib.nullcontext
 
 
-def lookahead_total(aux, focus=False):
+def lookahead_total(aux, focus=False, layers=None):
     """The layers' look-ahead losses [(loss, recall), ...] as one: their mean, or with focus each layer
-    weighted by 1 - its recall (what its selection still misses), the weights scaled to mean 1."""
+    weighted by 1 - its recall (what its selection still misses), the weights scaled to mean 1.
+    layers: the layer indices whose losses count (None: all)."""
+    aux = aux if layers is None else [aux[i] for i in layers]
     losses, recalls = torch.stack([a for a, _ in aux]), torch.stack([r for _, r in aux])
     if not focus:
         return losses.mean()
@@ -415,9 +418,9 @@ def lookahead_total(aux, focus=False):
     return (miss / miss.mean() * losses).mean()
 
 
-def train_step(model, inp, tgt, w, amp, attn_ctx, attention=None, look_weight=1.0, focus=False):
-    """Forward and backward of the weighted loss (plus look_weight times the look-ahead loss, if the
-    attention has one); returns the loss, the per-token cross-entropy [B, T] and the logits (for the log).
+def train_step(model, inp, tgt, w, amp, attn_ctx, attention=None, look_weight=1.0, focus=False, layers=None):
+    """Forward and backward of the weighted loss (plus look_weight times the look-ahead loss of `layers`,
+    if the attention has one); returns the loss, the per-token cross-entropy [B, T] and the logits (for the log).
     attention: a RefreshAttention, or None for plain causal attention."""
     with amp, attn_ctx():
         logits = model(inp, policy=attention)
@@ -425,7 +428,7 @@ def train_step(model, inp, tgt, w, amp, attn_ctx, attention=None, look_weight=1.
         ce = ce.view_as(tgt)
         loss = (ce * w).sum() / w.sum().clamp(min=1)
         aux = getattr(attention, "aux", None)
-        (loss + look_weight * lookahead_total(aux, focus) if aux else loss).backward()
+        (loss + look_weight * lookahead_total(aux, focus, layers) if aux else loss).backward()
     return loss, ce, logits
 
 
@@ -489,6 +492,14 @@ def check(model, tok, device, tiny, n, log, batch=32):
 
 # ---------------------------------------------------------------- main
 
+def layer_list(s):
+    """--lookahead-layers: "4" or "3,4" -> [4] or [3, 4]."""
+    try:
+        return [int(i) for i in s.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of layer numbers: {s!r}")
+
+
 def main():
     ap = Parser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="output directory")
@@ -513,11 +524,13 @@ def main():
     ap.add_argument("--lookahead-weight", type=float, default=1.0, help="the look-ahead loss's weight against the token loss")
     ap.add_argument("--lookahead-focus", action="store_true",
                     help="weight each layer's look-ahead loss by 1 - its recall (the layers that miss most)")
+    ap.add_argument("--lookahead-layers", type=layer_list, default=None,
+                    help="comma-separated layer indices whose look-ahead loss counts (default: every layer)")
     ap.add_argument("--vocab", type=int, default=None, help="BPE ranks to train (default 2046; tiny: 320)")
     ap.add_argument("--tokenizer", help="a tokenizer.model rank file to use instead of training one")
     args = ap.parse_args()
-    if (args.lookahead_weight != 1.0 or args.lookahead_focus) and not (args.aware and args.lookahead > 1):
-        ap.error("--lookahead-weight and --lookahead-focus need --aware and --lookahead W > 1")
+    if (args.lookahead_weight != 1.0 or args.lookahead_focus or args.lookahead_layers) and not (args.aware and args.lookahead > 1):
+        ap.error("--lookahead-weight, --lookahead-focus and --lookahead-layers need --aware and --lookahead W > 1")
     os.makedirs(args.out, exist_ok=True)
     logf = open(os.path.join(args.out, "train_log.txt"), "w")
 
@@ -558,6 +571,8 @@ def main():
         model = llama.Transformer(margs)
         init_weights(model)
         model.to(device)
+    if args.lookahead_layers and not all(0 <= i < margs.n_layers for i in args.lookahead_layers):
+        ap.error(f"--lookahead-layers {args.lookahead_layers}: the model has layers 0..{margs.n_layers - 1}")
     n_params = sum(p.numel() for p in model.parameters())
     log(f"args: {vars(args)}")
     log(f"model: {margs}")
@@ -595,7 +610,8 @@ def main():
             g["lr"] = lr
         attention, setting = refresh_attention(draw, c[:, :-1], args.lookahead) if aware else (None, None)
         try:
-            loss, ce, logits = train_step(model, inp, tgt, w, amp, attn_ctx, attention, args.lookahead_weight, args.lookahead_focus)
+            loss, ce, logits = train_step(model, inp, tgt, w, amp, attn_ctx, attention, args.lookahead_weight, args.lookahead_focus,
+                                         args.lookahead_layers)
         except Exception as e:
             if not compiled:
                 raise
@@ -626,8 +642,8 @@ def main():
             look = ""
             if setting and attention.aux:  # (loss, recall) per layer
                 la = torch.stack([torch.stack(a) for a in attention.aux])
-                look = " | look-ahead loss {:.3f} recall {:.3f} (worst layer {:.3f})".format(
-                    *la.mean(0).tolist(), la[:, 1].min().item())
+                look = " | look-ahead loss {:.3f} recall {:.3f} (by layer {})".format(
+                    *la.mean(0).tolist(), " ".join(f"{r:.3f}" for r in la[:, 1].tolist()))
             log(f"step {step:5d} | {el:6.1f} s | T {x.shape[1] - 1:4d} x {x.shape[0]:3d} | lr {lr:.2e} | "
                 f"loss {loss.item():.4f} | answer loss {a_loss:.4f} acc {a_acc:.4f} | gnorm {gnorm:.2f} | "
                 f"{rate / 1e6:.2f} Mtok/s | data wait {wait:.1f} s"
