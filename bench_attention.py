@@ -20,8 +20,8 @@ Two times per path, medians:
 Inputs rotate among several caches and index sets so that no call finds its data in L2.
 Floor = the bytes a path must move (each input read once, each output written once)
 divided by the device-to-device copy bandwidth measured in the same run.
---sweep first times launch configs at the two longest contexts (with and without programmatic
-dependent launch of the combine kernel) and uses the best for the table.
+--sweep first times the sparse kernel's launch configs at the two longest contexts and uses the
+best for the table.
 """
 import argparse
 import math
@@ -192,28 +192,29 @@ def replay_check(q, k, v, pos, idx):
 
 
 def sweep():
-    """Time launch configs at the two longest contexts (L/8 unsorted; dense with scores), with
-    the combine kernel launched after the split pass or early (PDL); keep the best."""
-    combos = [(32, 4, 2), (64, 4, 2), (64, 4, 3), (64, 8, 2)]
-    sparse, dense = {}, {}
+    """Time the sparse kernel's launch configs (L/8 unsorted; block_n, warps, stages, splits, and
+    idx's next block read ahead or not; the combine kernel launched early, PDL) at the two longest
+    contexts and keep the least total. The dense config stays as chosen before (notes/kernels.md)."""
+    combos = [(32, 4, 2), (64, 2, 2), (64, 4, 2), (64, 4, 3), (128, 8, 2)]
+    sparse = {}
     for T in CTXS[-2:]:
         caches = cycle([make_cache(T) for _ in range(copies(2 * HKV * T * D * ESZ))])
         idxs = cycle([make_idx(T, T // 8, False) for _ in range(8)])
-        log(f"sweep T={T} (block_n, warps, stages, splits, pdl): sparse L/8 | full step + scores  [GPU us]")
+        log(f"sweep T={T}, sparse L/8 (block_n, warps, stages, prefetch; splits: GPU us)")
         for bn, w, st in combos:
-            for sp in (32, 64, 128):
-                for pdl in (False, True):
-                    cfg = dict(block_n=bn, num_warps=w, num_stages=st, num_splits=sp, pdl=pdl)
-                    a = bench_graph(lambda: attention_triton(*caches(), idxs(), **cfg))
-                    b = bench_graph(lambda: attention_triton(*caches(), None, True, **cfg))
-                    log(f"  {bn:>4} {w} {st} {sp:>4} {pdl:d}: {a:8.1f} | {b:8.1f}")
-                    key = (bn, w, st, sp, pdl)
-                    sparse[key] = sparse.get(key, 0) + a
-                    dense[key] = dense.get(key, 0) + b
-    for name, times in (("sparse", sparse), ("dense", dense)):
-        bn, w, st, sp, pdl = min(times, key=times.get)
-        kernels.CUDA_CONFIG[name] = dict(block_n=bn, num_warps=w, num_stages=st, splits=sp, pdl=pdl)
-    log(f"chosen (least total over the two contexts): {kernels.CUDA_CONFIG}\n")
+            for pf in (False, True):
+                times = []
+                for sp in (48, 64, 80, 128, 256):
+                    cfg = dict(block_n=bn, num_warps=w, num_stages=st, num_splits=sp, pdl=True, prefetch=pf)
+                    t = bench_graph(lambda: attention_triton(*caches(), idxs(), **cfg))
+                    times.append(f"{sp}: {t:.1f}")
+                    sparse.setdefault((bn, w, st, sp, pf), []).append(t)
+                log(f"  {bn:>4} {w} {st} prefetch {pf:d}: " + "  ".join(times))
+    ranked = sorted((sum(t), key) for key, t in sparse.items())
+    log("best 5 (sum over the contexts): " + "; ".join(f"{k} {t:.1f}" for t, k in ranked[:5]))
+    bn, w, st, sp, pf = ranked[0][1]
+    kernels.CUDA_CONFIG["sparse"] = dict(block_n=bn, num_warps=w, num_stages=st, splits=sp, pdl=True, prefetch=pf)
+    log(f"chosen: {kernels.CUDA_CONFIG}\n")
 
 
 def time_once(fn, reps=3):

@@ -22,12 +22,16 @@ Also here, each with a PyTorch reference:
                                           group's max, in two passes over tiles
   join(idx, rank, pos, flag)              a RefreshKV partial step's join: the lowest-ranked slot
                                           takes the current token (one launch)
+  h2o_update(probs, kept, acc, pos, recent)  H2O's step: scores accumulated, the lightest non-recent
+                                          slot takes the current token (one launch)
+  similarity_check(q_raw, q_mean, threshold)  the similarity schedule's per-layer flag (one launch)
   rmsnorm, rope_cache_write, silu_mul     fused small ops of a decode step (model.fused_step)
 """
 import math
 import os
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -91,7 +95,7 @@ if triton is not None:
                       G: tl.constexpr, D: tl.constexpr,
                       BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HAS_IDX: tl.constexpr,
                       SCORES: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                      PDL: tl.constexpr, COUNT: tl.constexpr, FLAG: tl.constexpr):
+                      PDL: tl.constexpr, COUNT: tl.constexpr, FLAG: tl.constexpr, PREFETCH: tl.constexpr):
         if PDL:  # every program is running: the combine kernel may be scheduled (it waits)
             gdc_launch_dependents()
         kvh = tl.program_id(0)
@@ -118,16 +122,23 @@ if triton is not None:
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, D], tl.float32)
         n_valid = 0                                   # entries this program attended
+        if HAS_IDX:  # idx's entries are read from here (a dense pass reads none)
+            n_read = tl.where(dense, 0, n_idx) if FLAG else n_idx
+            if PREFETCH:  # the first block's entries, before the loop
+                nxt = tl.load(idx_ptr + kvh * si0 + start + tl.arange(0, BLOCK_N),
+                              mask=start + tl.arange(0, BLOCK_N) < n_read, other=0)
         for j0 in range(start, tl.minimum(start + chunk, n_att), BLOCK_N):
             j = j0 + tl.arange(0, BLOCK_N)            # [BLOCK_N] attended entry
             inside = j < n_att
             if HAS_IDX:  # entries 0..n-1 come from idx, entry n is the current token
-                if FLAG:  # a dense pass reads no idx and takes entry j = position j
-                    at = tl.load(idx_ptr + kvh * si0 + j, mask=j < tl.where(dense, 0, n_idx), other=0)
-                    at = tl.where(dense, j, tl.where(j < n_idx, at, cur))
+                if PREFETCH:  # this block's entries came with the last; the next block's are asked for now
+                    at = nxt
+                    nxt = tl.load(idx_ptr + kvh * si0 + j + BLOCK_N, mask=j + BLOCK_N < n_read, other=0)
                 else:
-                    at = tl.load(idx_ptr + kvh * si0 + j, mask=j < n_idx, other=0)
-                    at = tl.where(j < n_idx, at, cur)
+                    at = tl.load(idx_ptr + kvh * si0 + j, mask=j < n_read, other=0)
+                at = tl.where(j < n_read, at, cur)
+                if FLAG:  # a dense pass takes entry j = position j
+                    at = tl.where(dense, j, at)
                 valid = inside & (at >= 0)            # idx < 0: an empty slot
             else:
                 at = j
@@ -204,18 +215,19 @@ if triton is not None:
 
 # Launch settings on CUDA, tuned on an H100 for Llama-3.1-8B shapes (bench_attention.py
 # --sweep); `splits` is the number of programs per KV head at long lengths; `pdl` launches the
-# combine kernel early (programmatic dependent launch: 0.5-0.7 us less per call on the H100).
+# combine kernel early (programmatic dependent launch: 0.5-0.7 us less per call on the H100);
+# `prefetch` reads idx's next block one iteration ahead, so the K/V gathers need not wait for it.
 CUDA_CONFIG = {
-    "sparse": dict(block_n=64, num_warps=4, num_stages=2, splits=64, pdl=True),
-    "dense": dict(block_n=64, num_warps=4, num_stages=3, splits=32, pdl=True),
+    "sparse": dict(block_n=32, num_warps=4, num_stages=2, splits=64, pdl=True, prefetch=True),
+    "dense": dict(block_n=64, num_warps=4, num_stages=3, splits=32, pdl=True, prefetch=False),
 }
 # Interpreter: few programs, big blocks.
-CPU_CONFIG = dict(block_n=128, num_warps=4, num_stages=1, splits=2, pdl=False)
+CPU_CONFIG = dict(block_n=128, num_warps=4, num_stages=1, splits=2, pdl=False, prefetch=True)
 
 
 def attention_triton(q, k, v, pos, idx=None, scores=False, block_n=None, num_splits=None,
                      num_warps=None, num_stages=None, exact_splits=False, pdl=None, count=None,
-                     full=None):
+                     full=None, prefetch=None):
     """Split-KV Triton decode. pos is read by the kernels only, and the grid and every launch
     argument depend on shapes alone, so one CUDA graph serves every position. Tuning
     arguments are for tests and the benchmark only; exact_splits=True keeps num_splits even
@@ -259,6 +271,7 @@ def attention_triton(q, k, v, pos, idx=None, scores=False, block_n=None, num_spl
         G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,
         HAS_IDX=idx is not None, SCORES=scores, UPCAST=INTERPRET, PREC=prec, PDL=pdl,
         COUNT=count is not None, FLAG=full is not None, num_warps=warps,
+        PREFETCH=cfg["prefetch"] if prefetch is None else prefetch,
         num_stages=num_stages or cfg["num_stages"])
     block_p = 1024 if dev.type == "cuda" else 4096
     nb = triton.cdiv(width, block_p) if scores else 1
@@ -704,6 +717,113 @@ def join(idx, rank, pos, flag=None, kernel="auto"):
     _join_kernel[(idx.shape[0],)](idx, rank, pos, rank if flag is None else flag, K, idx.stride(0), rank.stride(0),
                                   BLOCK=block, HAS_FLAG=flag is not None, num_warps=8 if block >= 2048 else 4)
 
+
+# ----------------------------------------------------------------------------- h2o's step and the similarity check
+
+def h2o_update_torch(probs, kept, acc, pos, recent):
+    """Reference for h2o_update: the group's max probability added to each kept position's
+    accumulated score; the current token takes the slot of the lowest score among the positions
+    not within `recent` of it (an empty slot, score -inf, first; the first of equal ones)."""
+    got = probs.view(kept.shape[0], -1, probs.shape[-1]).amax(1)  # [Hkv, K + 1], the current token last
+    acc += got[:, :-1]
+    near = (kept > pos - recent) & (kept >= 0)
+    slot = acc.masked_fill(near, float("inf")).argmin(1, keepdim=True)
+    kept.scatter_(1, slot, pos.view(1, 1).expand(kept.shape[0], 1))
+    acc.scatter_(1, slot, got[:, -1:])
+
+
+def similarity_check_torch(q_raw, q_mean, threshold):
+    """Reference for similarity_check: the flag (int64 [1]) is 1 where the cosine between the mean
+    query over heads and q_mean falls below threshold; there q_mean takes the mean query."""
+    m = q_raw.float().mean(0)
+    flag = (F.cosine_similarity(m, q_mean, dim=0) < threshold).view(1).long()
+    q_mean.copy_(torch.where(flag != 0, m, q_mean))
+    return flag
+
+
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["K", "recent"])
+    def _h2o_kernel(p_ptr, kept_ptr, acc_ptr, pos_ptr, K, recent, sp0, sk0, sa0, G: tl.constexpr,
+                    BLOCK: tl.constexpr):
+        """Program per KV head: scores added, the lowest non-recent slot found, the current token in."""
+        row = tl.program_id(0)
+        cur = tl.load(pos_ptr).to(tl.int64)
+        best = tl.full([BLOCK], float("inf"), tl.float32)
+        at = tl.zeros([BLOCK], tl.int32)
+        for j0 in range(0, K, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            inside = j < K
+            got = tl.load(p_ptr + row * G * sp0 + j, mask=inside, other=0.0)
+            for g in tl.static_range(1, G):           # the group's max
+                got = tl.maximum(got, tl.load(p_ptr + (row * G + g) * sp0 + j, mask=inside, other=0.0))
+            a = tl.load(acc_ptr + row * sa0 + j, mask=inside, other=0.0) + got
+            tl.store(acc_ptr + row * sa0 + j, a, mask=inside)
+            kk = tl.load(kept_ptr + row * sk0 + j, mask=inside, other=-1).to(tl.int64)
+            near = (kk > cur - recent) & (kk >= 0)
+            x = tl.where(near | ~inside, float("inf"), a)
+            lower = x < best                          # strictly: each lane keeps its first
+            best = tl.where(lower, x, best)
+            at = tl.where(lower, j, at)
+        slot = tl.min(tl.where(best == tl.min(best, 0), at, K), 0)
+        top = tl.load(p_ptr + row * G * sp0 + K)
+        for g in tl.static_range(1, G):
+            top = tl.maximum(top, tl.load(p_ptr + (row * G + g) * sp0 + K))
+        tl.debug_barrier()                            # the loop's stores land before the slot's
+        tl.store(kept_ptr + row * sk0 + slot, cur.to(kept_ptr.dtype.element_ty))
+        tl.store(acc_ptr + row * sa0 + slot, top)
+
+    @triton.jit
+    def _similarity_kernel(q_ptr, mean_ptr, flag_ptr, threshold, eps, H: tl.constexpr, D: tl.constexpr,
+                           BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        """One program: mean over heads, cosine as torch computes it (each side over its clamped
+        norm), the flag, and q_mean replaced where it is set."""
+        h = tl.arange(0, BLOCK_H)
+        d = tl.arange(0, BLOCK_D)
+        q = tl.load(q_ptr + h[:, None] * D + d[None, :], mask=(h < H)[:, None] & (d < D)[None, :], other=0.0)
+        m = tl.sum(q.to(tl.float32), 0) / H
+        y = tl.load(mean_ptr + d, mask=d < D, other=0.0)
+        nm = tl.maximum(tl.sqrt(tl.sum(m * m, 0)), eps)
+        ny = tl.maximum(tl.sqrt(tl.sum(y * y, 0)), eps)
+        flag = tl.sum((m / nm) * (y / ny), 0) < threshold
+        tl.store(flag_ptr, flag.to(tl.int64))
+        tl.store(mean_ptr + d, tl.where(flag, m, y), mask=d < D)
+
+
+def h2o_update(probs, kept, acc, pos, recent, kernel="auto"):
+    """H2O's step, in place, after the attention over kept [Hkv, K] (positions) and the current token:
+    probs [H, K + 1] (GQA groups of H // Hkv rows, the current token last) adds each group's max to
+    acc [Hkv, K] float32; then, per row, the slot of the lowest acc among positions not above
+    pos - recent (empty slots, -1 with acc -inf, first; the first of equal ones) takes the current
+    token and its group max. kernel: "torch" (reference), "triton" (one launch), or "auto"."""
+    if kernel == "auto":
+        kernel = "triton" if kept.device.type == "cuda" and triton is not None else "torch"
+    if kernel == "torch":
+        return h2o_update_torch(probs, kept, acc, pos, recent)
+    if kernel != "triton":
+        raise ValueError(f"kernel must be 'torch', 'triton' or 'auto', got {kernel!r}")
+    Hkv, K = kept.shape
+    block = min(4096, triton.next_power_of_2(K))
+    _h2o_kernel[(Hkv,)](probs, kept, acc, pos, K, recent, probs.stride(0), kept.stride(0), acc.stride(0),
+                        G=probs.shape[0] // Hkv, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+
+
+def similarity_check(q_raw, q_mean, threshold, kernel="auto"):
+    """RefreshKV's check: q_raw [H, D] this step's queries (before rotary), q_mean [D] float32 the
+    mean query of the last full step. Returns a flag, int64 [1] on the device: 1 where the cosine
+    between the mean of q_raw over heads and q_mean is below threshold; there q_mean takes that
+    mean, in place. kernel: "torch" (reference), "triton" (one launch), or "auto"."""
+    if kernel == "auto":
+        kernel = "triton" if q_raw.device.type == "cuda" and triton is not None else "torch"
+    if kernel == "torch":
+        return similarity_check_torch(q_raw, q_mean, threshold)
+    if kernel != "triton":
+        raise ValueError(f"kernel must be 'torch', 'triton' or 'auto', got {kernel!r}")
+    H, D = q_raw.shape
+    flag = torch.empty(1, dtype=torch.int64, device=q_raw.device)
+    _similarity_kernel[(1,)](q_raw.contiguous(), q_mean, flag, threshold, 1e-8, H=H, D=D,
+                             BLOCK_H=triton.next_power_of_2(H), BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+    return flag
 
 # ----------------------------------------------------------------------------- decode step: fused small ops
 # One decoded token (batch 1) runs ~25 tiny elementwise kernels per layer in PyTorch; these fuse

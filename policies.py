@@ -27,7 +27,7 @@ import typing
 import torch
 import torch.nn.functional as F
 
-from kernels import column_scores, decode_attention, join, pooled_top
+from kernels import column_scores, decode_attention, h2o_update, join, pooled_top, similarity_check
 
 
 def group_max(probs, n_kv):
@@ -110,8 +110,9 @@ class Policy:
         with `full`, a device flag, every position where it is set), counted: positions attended (per KV
         head; the kernel counts them), read (plus `extra`, e.g. page bounds), and those a full step would
         read. The counters live on the device, so graph replays count too."""
-        self.count[:2] += self.adds["full" if idx is None else "partial"] if full is None else \
-            torch.cat([self.adds["partial"][:1], full.long()])
+        self.count[:2] += self.adds["full" if idx is None else "partial"]
+        if full is not None:  # a flagged step is full where the flag is set
+            self.count[1:2] += full
         if extra is not None:
             self.count[2:3] += self.n_kv * extra
         return decode_attention(q, k, v, pos, idx, scores, self.kernel, count=self.count[3:], full=full)
@@ -153,11 +154,13 @@ class RefreshKV(Policy):
 
     def refresh(self, layer, probs, q_raw, last=None, flag=None):
         """The small cache becomes the top-K positions of this step's aggregated, pooled scores
-        (kernels.pooled_top: no sort on the GPU). With flag (a device tensor), only where it is set."""
+        (kernels.pooled_top: no sort on the GPU), and the mean query is kept for the similarity
+        schedule. With flag (a check step's, a device tensor): the small cache only where it is set;
+        the check made the mean query already."""
         pooled_top(probs, self.n_kv, self.pool, self.budget, last, out=(self.small[layer], self.rank[layer]),
                    flag=flag, kernel=self.kernel)
-        q_mean = q_raw.float().mean(0)  # [D], for the similarity schedule
-        self.q_mean[layer].copy_(q_mean if flag is None else torch.where(flag != 0, q_mean, self.q_mean[layer]))
+        if flag is None:
+            self.q_mean[layer].copy_(q_raw.float().mean(0))
 
     def prefill(self, layer, q, k, q_raw):
         super().prefill(layer, q, k, q_raw)
@@ -199,9 +202,9 @@ class RefreshKV(Policy):
     def check_step(self, layer, q, k, v, pos, q_raw):
         """A similarity check decided on the GPU, so that the step replays a CUDA graph like any other:
         where the layer's mean query has drifted (cosine below threshold) the kernel attends to every
-        position and the small cache is refreshed; elsewhere the step is partial (masked updates)."""
-        sim = F.cosine_similarity(q_raw.float().mean(0), self.q_mean[layer], dim=0)
-        flag = (sim < self.threshold).view(1).int()
+        position and the small cache is refreshed; elsewhere the step is partial (masked updates).
+        kernels.similarity_check makes the flag and, where it is set, the new mean query (one launch)."""
+        flag = similarity_check(q_raw, self.q_mean[layer], self.threshold, self.kernel)
         out, probs = self.run(q, k, v, pos, self.small[layer], scores=True, full=flag)
         self.join(layer, pos, flag)
         self.refresh(layer, probs, q_raw, pos, flag)
@@ -283,16 +286,10 @@ class H2O(Policy):
         self.acc[layer] = acc.gather(1, kept.clamp(min=0)).masked_fill(kept < 0, float("-inf"))
 
     def attend(self, layer, q, k, v, pos, q_raw):
-        kept, acc = self.kept[layer], self.acc[layer]
-        out, probs = self.run(q, k, v, pos, kept, scores=True)
-        got = group_max(probs, self.n_kv)  # [Hkv, K + 1], the current token last
-        acc += got[:, :-1]
-        # The current token joins, taking the slot of the non-recent member with the smallest
-        # score (an empty slot first).
-        recent = (kept > pos - self.budget // 2) & (kept >= 0)
-        slot = acc.masked_fill(recent, float("inf")).argmin(1, keepdim=True)
-        kept.scatter_(1, slot, current(pos, self.n_kv))
-        acc.scatter_(1, slot, got[:, -1:])
+        out, probs = self.run(q, k, v, pos, self.kept[layer], scores=True)
+        # Each member's score grows by the group's max probability; the current token joins, taking
+        # the slot of the non-recent member with the smallest score (an empty slot first).
+        h2o_update(probs, self.kept[layer], self.acc[layer], pos, self.budget // 2, self.kernel)
         return out
 
 

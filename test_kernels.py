@@ -253,6 +253,19 @@ def test_empty_splits_and_small_blocks(dense):
         close(out, ref, 2e-5)
 
 
+@needs_triton
+@pytest.mark.parametrize("flag", [None, 0, 1])
+def test_prefetch_changes_no_bit(flag):
+    """idx's next block read ahead (CUDA's sparse config) or in its own iteration (the dense
+    config, which a flagged call uses): the same bits, over blocks, splits and empty slots."""
+    q, k, v, pos, idx = make(2, 4, 150, 32, torch.float32, 23, n=100, empty=10)
+    full = None if flag is None else torch.tensor([flag], device=DEV)
+    got = [attention_triton(q, k, v, pos, idx, scores=True, block_n=16, num_splits=3, full=full, prefetch=pf)
+           for pf in (False, True)]
+    assert torch.equal(got[0][0], got[1][0])
+    assert flag == 0 or torch.equal(got[0][1], got[1][1])  # flag 0 writes no probabilities
+
+
 class Spy:
     """Stands in for a Triton kernel: records each launch's grid and arguments (tensors by
     shape, dtype and strides), then launches."""
@@ -614,3 +627,53 @@ def test_model_decode_step_fused(monkeypatch):
                      m.layers[1].attention.cache_v[:, :12].clone()))
     for a, b in zip(*runs):
         close(a, b, 1e-5)
+
+
+# ----------------------------------------------------------------------------- h2o's step, the similarity check
+
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_h2o_update(kernel):
+    """Against the policy's former PyTorch ops, bit for bit: scores added (the group's max), the
+    lowest non-recent slot (empty slots first, the first of equal ones) takes pos and its group max;
+    every slot recent: slot 0. Rows longer than the kernel's block."""
+    gen = torch.Generator().manual_seed(4)
+    for K, G, recent in ((1, 1, 0), (9, 4, 3), (300, 2, 100), (5000, 4, 2500), (6, 1, 20001)):
+        pos = torch.tensor([20000])
+        kept = torch.randperm(20000, generator=gen)[:2 * K].view(2, K)
+        kept[0, K // 2:] = 20000 - K // 2 + torch.arange(K - K // 2)  # recent positions
+        acc = (torch.rand(2, K, generator=gen) * 4).floor()            # ties
+        kept[1, torch.randint(0, K, (2,), generator=gen)] = -1         # empty slots
+        acc[kept < 0] = float("-inf")
+        probs = torch.rand(2 * G, K + 1, generator=gen)
+        want = kept.clone(), acc.clone()
+        got = probs.view(2, G, K + 1).amax(1)
+        want[1].add_(got[:, :-1])
+        near = (want[0] > 20000 - recent) & (want[0] >= 0)
+        slot = want[1].masked_fill(near, float("inf")).argmin(1)
+        for r in range(2):
+            want[0][r, slot[r]], want[1][r, slot[r]] = 20000, got[r, -1]
+        have = kept.to(DEV), acc.to(DEV)
+        kernels.h2o_update(probs.to(DEV), *have, pos.to(DEV), recent, kernel=kernel)
+        assert torch.equal(have[0].cpu(), want[0]) and torch.equal(have[1].cpu(), want[1]), (K, G, recent)
+
+
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_similarity_check(kernel, dtype):
+    """flag 1 exactly where cos(mean query, q_mean) < threshold (F.cosine_similarity), and there
+    q_mean becomes the mean query; elsewhere q_mean keeps its bits. Cosines far from the threshold."""
+    gen = torch.Generator().manual_seed(5)
+    for H, D in ((1, 16), (32, 128), (6, 24)):
+        for _ in range(6):
+            q = torch.randn(H, D, generator=gen).to(dtype)
+            m = q.float().mean(0)
+            q_mean = m + 0.8 * m.norm() / D ** 0.5 * torch.randn(D, generator=gen) * torch.rand(1, generator=gen)
+            cos = float(torch.nn.functional.cosine_similarity(m, q_mean, dim=0))
+            threshold = cos + (0.01 if torch.rand(1, generator=gen) < 0.5 else -0.01)
+            have = q_mean.clone().to(DEV)
+            flag = kernels.similarity_check(q.to(DEV), have, threshold, kernel=kernel)
+            assert flag.dtype == torch.int64 and flag.shape == (1,) and int(flag) == (cos < threshold)
+            if cos < threshold:
+                torch.testing.assert_close(have.cpu(), m, rtol=1e-6, atol=1e-6)
+            else:
+                assert torch.equal(have.cpu(), q_mean)

@@ -39,6 +39,9 @@ cos, sin = torch.randn(2, D, device="cuda", dtype=torch.bfloat16)
 gu = torch.randn(2 * 14336, device="cuda", dtype=torch.bfloat16)
 count = torch.zeros(2, dtype=torch.long, device="cuda")
 flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+hprobs = decode_attention(q, k, v, pos, idx, True)[1]  # h2o's step: the sparse pass's probabilities
+kept, acc = idx.clone(), torch.rand(Hkv, K, device="cuda")
+qr, q_mean = torch.randn(H, D, device="cuda", dtype=torch.bfloat16), torch.randn(D, device="cuda")
 
 OPS = {
     "dense attention + scores (kernel)": lambda: decode_attention(q, k, v, pos, None, True),
@@ -53,6 +56,11 @@ OPS = {
     "partial: join + evict": lambda: pol.join(0, pos),
     "partial: masked join (check step)": lambda: pol.join(0, pos, flag),
     "counters: run's host-side add": lambda: pol.count[:2].add_(pol.adds["partial"]),
+    "sparse attention L/8 + scores (h2o's step)": lambda: decode_attention(q, k, v, pos, idx, True),
+    "h2o: update (PyTorch ops)": lambda: kernels.h2o_update(hprobs, kept, acc, pos, K // 2, kernel="torch"),
+    "h2o: update (kernels.h2o_update)": lambda: kernels.h2o_update(hprobs, kept, acc, pos, K // 2),
+    "check: similarity (PyTorch ops)": lambda: kernels.similarity_check(qr, q_mean, 0.85, kernel="torch"),
+    "check: similarity (kernels.similarity_check)": lambda: kernels.similarity_check(qr, q_mean, 0.85),
     "rms_norm (PyTorch ops)": lambda: w * torch.nn.functional.rms_norm(x.float(), (4096,), eps=1e-5).to(x.dtype),
     "rms_norm + residual (kernels.rmsnorm)": lambda: kernels.rmsnorm(x, w, 1e-5, residual=x),
     "rope + cache write (kernels.rope_cache_write)": lambda: kernels.rope_cache_write(qkv, cos, sin, k, v, pos, H),
