@@ -217,6 +217,7 @@ if triton is not None:
 # --sweep); `splits` is the number of programs per KV head at long lengths; `pdl` launches the
 # combine kernel early (programmatic dependent launch: 0.5-0.7 us less per call on the H100);
 # `prefetch` reads idx's next block one iteration ahead, so the K/V gathers need not wait for it.
+# A check step's one launch (full=flag) takes the dense settings, whether its flag is set or not.
 CUDA_CONFIG = {
     "sparse": dict(block_n=32, num_warps=4, num_stages=2, splits=64, pdl=True, prefetch=True),
     "dense": dict(block_n=64, num_warps=4, num_stages=3, splits=32, pdl=True, prefetch=False),

@@ -635,26 +635,38 @@ def test_model_decode_step_fused(monkeypatch):
 def test_h2o_update(kernel):
     """Against the policy's former PyTorch ops, bit for bit: scores added (the group's max), the
     lowest non-recent slot (empty slots first, the first of equal ones) takes pos and its group max;
-    every slot recent: slot 0. Rows longer than the kernel's block."""
+    every slot recent: slot 0. Scores on a grid of quarters, so that equal ones happen; a slot
+    exactly `recent` back (not recent) beside a lighter one a position later (recent); equal lowest
+    scores in two of the kernel's blocks; empty slots while every position is recent (pos < recent)."""
     gen = torch.Generator().manual_seed(4)
-    for K, G, recent in ((1, 1, 0), (9, 4, 3), (300, 2, 100), (5000, 4, 2500), (6, 1, 20001)):
-        pos = torch.tensor([20000])
-        kept = torch.randperm(20000, generator=gen)[:2 * K].view(2, K)
-        kept[0, K // 2:] = 20000 - K // 2 + torch.arange(K - K // 2)  # recent positions
-        acc = (torch.rand(2, K, generator=gen) * 4).floor()            # ties
-        kept[1, torch.randint(0, K, (2,), generator=gen)] = -1         # empty slots
+    for K, G, recent, p in ((1, 1, 0, 20000), (9, 4, 3, 20000), (300, 2, 100, 20000), (5000, 4, 2500, 20000),
+                            (6, 1, 20001, 20000), (4, 2, 20, 5)):
+        kept = torch.stack([torch.randperm(p, generator=gen)[:K] for _ in range(2)])
+        kept[0, K // 2:] = p - (K - K // 2) + torch.arange(K - K // 2)  # recent positions, the last p - 1
+        acc = torch.randint(0, 4, (2, K), generator=gen).float()
+        probs = torch.randint(0, 5, (2 * G, K + 1), generator=gen) / 4
+        if K >= 2 and 0 < recent <= p:  # the boundary: p - recent is not recent, p - recent + 1 is
+            kept[0, :2], acc[0, :2] = torch.tensor([p - recent, p - recent + 1]), torch.tensor([-10.0, -20.0])
+        if K > 4096 + 3:  # equal lowest scores at 3 and 3 + 4096, in two blocks: the first wins
+            kept[1, [3, 4099]], acc[1, [3, 4099]] = torch.tensor([10, 11]), -5.0
+            probs[G:, 4099] = probs[G:, 3]
+        else:
+            kept[1, torch.randint(0, K, (2,), generator=gen)] = -1  # empty slots
         acc[kept < 0] = float("-inf")
-        probs = torch.rand(2 * G, K + 1, generator=gen)
         want = kept.clone(), acc.clone()
         got = probs.view(2, G, K + 1).amax(1)
         want[1].add_(got[:, :-1])
-        near = (want[0] > 20000 - recent) & (want[0] >= 0)
+        near = (want[0] > p - recent) & (want[0] >= 0)
         slot = want[1].masked_fill(near, float("inf")).argmin(1)
         for r in range(2):
-            want[0][r, slot[r]], want[1][r, slot[r]] = 20000, got[r, -1]
+            want[0][r, slot[r]], want[1][r, slot[r]] = p, got[r, -1]
         have = kept.to(DEV), acc.to(DEV)
-        kernels.h2o_update(probs.to(DEV), *have, pos.to(DEV), recent, kernel=kernel)
+        kernels.h2o_update(probs.to(DEV), *have, torch.tensor([p], device=DEV), recent, kernel=kernel)
         assert torch.equal(have[0].cpu(), want[0]) and torch.equal(have[1].cpu(), want[1]), (K, G, recent)
+        if K > 4096 + 3:
+            assert want[0][1, 3] == p
+        elif K >= 2 and 0 < recent <= p:
+            assert want[0][0, 0] == p
 
 
 @pytest.mark.parametrize("kernel", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -677,3 +689,7 @@ def test_similarity_check(kernel, dtype):
                 torch.testing.assert_close(have.cpu(), m, rtol=1e-6, atol=1e-6)
             else:
                 assert torch.equal(have.cpu(), q_mean)
+    # a zero mean query saved (norms clamped as torch clamps them): cosine 0, below 0.5
+    q, zero = torch.randn(4, 16, generator=gen).to(dtype), torch.zeros(16, device=DEV)
+    assert int(kernels.similarity_check(q.to(DEV), zero, 0.5, kernel=kernel)) == 1
+    torch.testing.assert_close(zero.cpu(), q.float().mean(0), rtol=1e-6, atol=1e-6)

@@ -642,7 +642,7 @@ def main():
             look = ""
             if setting and attention.aux:  # (loss, recall) per layer
                 la = torch.stack([torch.stack(a) for a in attention.aux])
-                look = " | look-ahead loss {:.3f} recall {:.3f} (by layer {})".format(
+                look = " | look-ahead loss {:.3f} recall {:.3f} (means of all layers; recall by layer {})".format(
                     *la.mean(0).tolist(), " ".join(f"{r:.3f}" for r in la[:, 1].tolist()))
             log(f"step {step:5d} | {el:6.1f} s | T {x.shape[1] - 1:4d} x {x.shape[0]:3d} | lr {lr:.2e} | "
                 f"loss {loss.item():.4f} | answer loss {a_loss:.4f} acc {a_acc:.4f} | gnorm {gnorm:.2f} | "

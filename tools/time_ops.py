@@ -38,7 +38,7 @@ qkv = torch.randn((H + 2 * Hkv) * D, device="cuda", dtype=torch.bfloat16)
 cos, sin = torch.randn(2, D, device="cuda", dtype=torch.bfloat16)
 gu = torch.randn(2 * 14336, device="cuda", dtype=torch.bfloat16)
 count = torch.zeros(2, dtype=torch.long, device="cuda")
-flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+flag = torch.zeros(1, dtype=torch.int64, device="cuda")  # as similarity_check makes it
 hprobs = decode_attention(q, k, v, pos, idx, True)[1]  # h2o's step: the sparse pass's probabilities
 kept, acc = idx.clone(), torch.rand(Hkv, K, device="cuda")
 qr, q_mean = torch.randn(H, D, device="cuda", dtype=torch.bfloat16), torch.randn(D, device="cuda")
