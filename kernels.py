@@ -49,6 +49,20 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # ----------------------------------------------------------------------------- reference
 
+def use_triton(kernel, device):
+    """Every entry point's `kernel`: "torch" (the reference), "triton", or "auto" (Triton on CUDA when
+    it is installed). True: launch the Triton kernel; a request it cannot serve is a ValueError."""
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernel must be 'torch', 'triton' or 'auto', got {kernel!r}")
+    if kernel == "auto":
+        return device.type == "cuda" and triton is not None
+    if kernel == "triton" and triton is None:
+        raise ValueError("kernel='triton' needs the triton package")
+    if kernel == "triton" and device.type != "cuda" and not INTERPRET:
+        raise ValueError("kernel='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+    return kernel == "triton"
+
+
 def attention_torch(q, k, v, pos, idx=None, scores=False):
     """Readable reference: gather, float32 matmul on a [Hkv, G, D] view, masked softmax, matmul.
     One code path whatever `scores` is, so `out` is bitwise the same either way."""
@@ -426,12 +440,8 @@ def column_scores(q, k, kernel="auto", block=256):
     if q.dim() != 3 or k.dim() != 3 or q.shape[1:] != k.shape[1:] or q.shape[0] % k.shape[0] \
             or q.dtype != k.dtype or q.device != k.device:
         raise ValueError(f"want q [H, L, D] and k [Hkv, L, D] alike; got {tuple(q.shape)}, {tuple(k.shape)}")
-    if kernel == "auto":
-        kernel = "triton" if q.device.type == "cuda" and triton is not None else "torch"
-    if kernel == "torch":
+    if not use_triton(kernel, q.device):
         return column_scores_torch(q, k, block)
-    if kernel != "triton" or triton is None or (q.device.type != "cuda" and not INTERPRET):
-        raise ValueError(f"kernel={kernel!r}: use 'torch', or 'triton' on CUDA or under TRITON_INTERPRET=1")
     if q.shape[2] < 16 or q.shape[2] & (q.shape[2] - 1):
         raise ValueError(f"kernel='triton' needs a power-of-2 head dim >= 16, got {q.shape[2]}")
     return column_scores_triton(q, k)
@@ -645,12 +655,8 @@ def pooled_top(probs, n_kv, pool, k, last=None, out=None, flag=None, kernel="aut
     decision. kernel: "torch" (reference; flag as a masked update), "triton", or "auto"."""
     if probs.dim() != 2 or probs.shape[0] % n_kv or pool < 1 or pool % 2 == 0 or k < 1:
         raise ValueError(f"want probs [H, N] with H a multiple of {n_kv}, an odd pool and k >= 1")
-    if kernel == "auto":
-        kernel = "triton" if probs.device.type == "cuda" and triton is not None else "torch"
-    if kernel == "triton":
+    if use_triton(kernel, probs.device):
         return pooled_top_triton(probs, n_kv, pool, k, last, out, flag)
-    if kernel != "torch":
-        raise ValueError(f"kernel must be 'torch', 'triton' or 'auto', got {kernel!r}")
     idx, val = pooled_top_torch(probs.float(), n_kv, pool, k, last)
     if out is None:
         return idx, val
@@ -707,12 +713,8 @@ def join(idx, rank, pos, flag=None, kernel="auto"):
     token pos (a one-element tensor on the device) with rank 1 + pos. flag: None, or a one-element
     integer tensor on the device: where it holds nonzero nothing changes. kernel: "torch"
     (reference), "triton" (one launch), or "auto"."""
-    if kernel == "auto":
-        kernel = "triton" if idx.device.type == "cuda" and triton is not None else "torch"
-    if kernel == "torch":
+    if not use_triton(kernel, idx.device):
         return join_torch(idx, rank, pos, flag)
-    if kernel != "triton":
-        raise ValueError(f"kernel must be 'torch', 'triton' or 'auto', got {kernel!r}")
     K = idx.shape[1]
     block = min(4096, triton.next_power_of_2(K))
     _join_kernel[(idx.shape[0],)](idx, rank, pos, rank if flag is None else flag, K, idx.stride(0), rank.stride(0),
@@ -797,12 +799,8 @@ def h2o_update(probs, kept, acc, pos, recent, kernel="auto"):
     acc [Hkv, K] float32; then, per row, the slot of the lowest acc among positions not above
     pos - recent (empty slots, -1 with acc -inf, first; the first of equal ones) takes the current
     token and its group max. kernel: "torch" (reference), "triton" (one launch), or "auto"."""
-    if kernel == "auto":
-        kernel = "triton" if kept.device.type == "cuda" and triton is not None else "torch"
-    if kernel == "torch":
+    if not use_triton(kernel, kept.device):
         return h2o_update_torch(probs, kept, acc, pos, recent)
-    if kernel != "triton":
-        raise ValueError(f"kernel must be 'torch', 'triton' or 'auto', got {kernel!r}")
     Hkv, K = kept.shape
     block = min(4096, triton.next_power_of_2(K))
     _h2o_kernel[(Hkv,)](probs, kept, acc, pos, K, recent, probs.stride(0), kept.stride(0), acc.stride(0),
@@ -814,12 +812,8 @@ def similarity_check(q_raw, q_mean, threshold, kernel="auto"):
     mean query of the last full step. Returns a flag, int64 [1] on the device: 1 where the cosine
     between the mean of q_raw over heads and q_mean is below threshold; there q_mean takes that
     mean, in place. kernel: "torch" (reference), "triton" (one launch), or "auto"."""
-    if kernel == "auto":
-        kernel = "triton" if q_raw.device.type == "cuda" and triton is not None else "torch"
-    if kernel == "torch":
+    if not use_triton(kernel, q_raw.device):
         return similarity_check_torch(q_raw, q_mean, threshold)
-    if kernel != "triton":
-        raise ValueError(f"kernel must be 'torch', 'triton' or 'auto', got {kernel!r}")
     H, D = q_raw.shape
     flag = torch.empty(1, dtype=torch.int64, device=q_raw.device)
     _similarity_kernel[(1,)](q_raw.contiguous(), q_mean, flag, threshold, 1e-8, H=H, D=D,
@@ -984,21 +978,12 @@ def decode_attention(q, k, v, pos, idx=None, scores=False, kernel="auto", count=
         raise ValueError(f"full must be a one-element integer tensor on {k.device}, with idx")
     if count is not None and (count.shape != (2,) or count.dtype != torch.int64 or count.device != k.device):
         raise ValueError(f"count must be an int64 [2] tensor on {k.device}")
-    if kernel == "auto":
-        kernel = "triton" if q.device.type == "cuda" and triton is not None else "torch"
-    if kernel == "torch":
+    if not use_triton(kernel, q.device):
         if count is not None:
             count_torch(count, k, pos, idx, full)
         if full is not None:
             return attention_flag_torch(q, k, v, pos, idx, scores, full)
         return attention_torch(q, k, v, pos, idx, scores)
-    if kernel != "triton":
-        raise ValueError(f"kernel must be 'torch', 'triton' or 'auto', got {kernel!r}")
-    if triton is None:
-        raise ValueError("kernel='triton' needs the triton package")
-    if q.device.type != "cuda" and not INTERPRET:
-        raise ValueError("kernel='triton' on CPU tensors needs TRITON_INTERPRET=1 "
-                         "set before triton is imported")
     if q.shape[1] < 16 or q.shape[1] & (q.shape[1] - 1):
         raise ValueError(f"kernel='triton' needs a power-of-2 head dim >= 16, got {q.shape[1]}")
     return attention_triton(q, k, v, pos, idx, scores, count=count, full=full)

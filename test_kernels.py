@@ -151,6 +151,21 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
         decode_attention(q, k, v, pos, kernel="triton")
 
 
+def test_every_entry_point_names_a_bad_kernel():
+    """All entry points take `kernel` through kernels.use_triton: an unknown name is a ValueError."""
+    q, k, probs = torch.randn(4, 32, 16), torch.randn(2, 32, 16), torch.rand(4, 9)
+    idx, rank, pos = torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8), torch.tensor([20])
+    calls = [lambda kernel: kernels.column_scores(q, k, kernel=kernel),
+             lambda kernel: kernels.pooled_top(probs, 2, 3, 4, kernel=kernel),
+             lambda kernel: kernels.join(idx, rank, pos, kernel=kernel),
+             lambda kernel: kernels.h2o_update(probs, idx, rank, pos, 4, kernel=kernel),
+             lambda kernel: kernels.similarity_check(q[:, 0], torch.randn(16), 0.5, kernel=kernel)]
+    for call in calls:
+        call("torch")
+        with pytest.raises(ValueError, match="kernel must be"):
+            call("cuda")
+
+
 def test_imports_without_triton():
     code = ("import sys; sys.modules['triton'] = None; import torch, kernels; "
             "q, k = torch.randn(4, 8), torch.randn(2, 5, 8); "
