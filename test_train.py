@@ -1,4 +1,5 @@
 """Tests for train.py: the BPE vocabulary and RefreshKV-aware attention."""
+import contextlib
 import random
 
 import pytest
@@ -143,3 +144,28 @@ def test_lookahead_layers_is_checked_in_one_line(monkeypatch, capsys):
         train.main()
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--lookahead-layers" in err[0]
+
+
+def test_train_step_counts_only_the_chosen_layers():
+    """train_step(layers=[0]): the gradient is the token loss's plus layer 0's look-ahead loss alone.
+    Layer 1 comes after layer 0's queries and keys, so its weights get only the token loss's gradient;
+    with every layer counted, they get more."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50,
+                                  hidden_dim=96, max_seq_len=128))
+    tokens = torch.randint(0, 50, (1, 61))
+    inp, tgt, w = tokens[:, :-1], tokens[:, 1:], torch.ones(1, 60)
+    make = lambda W: train.RefreshAttention(torch.tensor([41]), torch.tensor([19]), torch.tensor([9]), 4, lookahead=W)
+
+    def grads(attention, layers=None):
+        model.zero_grad()
+        train.train_step(model, inp, tgt, w, contextlib.nullcontext(), contextlib.nullcontext, attention, 5.0,
+                         False, layers)
+        return [layer.attention.wqkv.weight.grad.clone() for layer in model.layers]
+
+    plain = grads(make(0))  # no look-ahead loss
+    first = grads(make(10), layers=[0])
+    every = grads(make(10))
+    assert not torch.allclose(first[0], plain[0], atol=1e-4)  # layer 0's loss counted
+    assert torch.allclose(first[1], plain[1], atol=1e-6)  # layer 1's left out
+    assert not torch.allclose(every[1], plain[1], atol=1e-4)
