@@ -25,7 +25,9 @@ Also here, each with a PyTorch reference:
   h2o_update(probs, kept, acc, pos, recent)  H2O's step: scores accumulated, the lightest non-recent
                                           slot takes the current token (one launch)
   similarity_check(q_raw, q_mean, threshold)  the similarity schedule's per-layer flag (one launch)
-  rmsnorm, rope_cache_write, silu_mul     fused small ops of a decode step (model.fused_step)
+  linear(x, w, norm, silu, residual)      one token's weight product with the norm, silu * up or
+                                          the residual add fused in (model.fused_step)
+  rope_cache_write(qkv, cos, sin, ...)    rotary embedding and the cache write in one launch
 """
 import math
 import os
@@ -821,28 +823,61 @@ def similarity_check(q_raw, q_mean, threshold, kernel="auto"):
     return flag
 
 # ----------------------------------------------------------------------------- decode step: fused small ops
-# One decoded token (batch 1) runs ~25 tiny elementwise kernels per layer in PyTorch; these fuse
-# them (model.py uses them on CUDA for decode steps). Each rounds where PyTorch's ops round, so
-# results match the PyTorch path to the last bit or one bf16 ulp.
+# One decoded token (batch 1): each weight product is a matrix-vector product that streams the
+# weight once; the small ops around it (RMSNorm, silu * up, the residual add) ride inside it, and
+# rotary embedding with the cache write is one launch (model.py uses them on CUDA for decode
+# steps). Each rounds where PyTorch's ops round, so results match the PyTorch path to the
+# summation order (bf16: one ulp at most, mostly the same bits).
+
+def linear_torch(x, w, norm=None, eps=1e-5, silu=False, residual=None):
+    """The PyTorch ops linear replaces: [residual +] w @ f(x), f as in linear."""
+    x = x.reshape(-1)
+    if silu:
+        gate, up = x.chunk(2)
+        x = F.silu(gate) * up
+    if norm is not None:
+        x = norm * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+    y = F.linear(x, w)
+    return y if residual is None else residual.reshape(-1) + y
+
 
 if triton is not None:
 
     @triton.jit
-    def _rmsnorm_kernel(x_ptr, y_ptr, w_ptr, h_ptr, n_ptr, eps, DIM: tl.constexpr, BLOCK: tl.constexpr,
-                        ADD: tl.constexpr):
-        """One row: (with ADD) h = x + y; n = w * rmsnorm(h) (normalised in float32, cast, scaled)."""
-        row = tl.program_id(0)
-        c = tl.arange(0, BLOCK)
-        m = c < DIM
-        x = tl.load(x_ptr + row * DIM + c, mask=m, other=0.0)
-        if ADD:
-            x = (x.to(tl.float32) + tl.load(y_ptr + row * DIM + c, mask=m, other=0.0).to(tl.float32)).to(x.dtype)
-            tl.store(h_ptr + row * DIM + c, x, mask=m)
-        xf = x.to(tl.float32)
-        r = 1.0 / tl.sqrt(tl.sum(xf * xf, 0) / DIM + eps)
-        nrm = (xf * r).to(x.dtype).to(tl.float32)
-        w = tl.load(w_ptr + c, mask=m, other=0.0).to(tl.float32)
-        tl.store(n_ptr + row * DIM + c, (w * nrm).to(x.dtype), mask=m)
+    def _linear_kernel(x_ptr, w_ptr, y_ptr, g_ptr, r_ptr, eps, N, K,
+                       NORM: tl.constexpr, SILU: tl.constexpr, RES: tl.constexpr, PDL: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """BLOCK_N rows of y = W f(x) (+ r), W [N, K] row-major: f is x, or g * rms_norm(x) (NORM),
+        or silu(gate) * up of x = [gate, up] (SILU); float32 sums, rounded where PyTorch rounds."""
+        if PDL:  # launched early: let the next kernel be scheduled, then wait for the previous one
+            gdc_launch_dependents()
+            gdc_wait()
+        dt = y_ptr.dtype.element_ty
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
+        wp = w_ptr + tl.program_id(0).to(tl.int64) * BLOCK_N * K + tl.arange(0, BLOCK_N)[:, None] * K + cols[None, :]
+        if NORM:  # the inverse RMS of x, recomputed by every program (x is small and stays in L2)
+            ss = tl.zeros([BLOCK_K], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                xk = tl.load(x_ptr + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+                ss += xk * xk
+            r = 1.0 / tl.sqrt(tl.sum(ss, 0) / K + eps)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # per-column partial sums, reduced once at the end
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + cols
+            xk = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+            if SILU:  # silu(gate) rounded, times up, rounded: as F.silu(gate) * up
+                u = tl.load(x_ptr + K + k, mask=k < K, other=0.0).to(tl.float32)
+                xk = ((xk / (1.0 + tl.exp(-xk))).to(dt).to(tl.float32) * u).to(dt).to(tl.float32)
+            if NORM:  # g * rms_norm(x).to(dtype), as model.RMSNorm
+                g = tl.load(g_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+                xk = (g * (xk * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+            w = tl.load(wp + k0, mask=(rows < N)[:, None] & (k < K)[None, :], other=0.0)
+            acc += w.to(tl.float32) * xk[None, :]
+        y = tl.sum(acc, 1)
+        if RES:  # the product rounded, then the residual added: as residual + F.linear(...)
+            y = y.to(dt).to(tl.float32) + tl.load(r_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(dt), mask=rows < N)
 
     @triton.jit
     def _rope_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, sk0, sk1, sv0, sv1,
@@ -867,28 +902,29 @@ if triton is not None:
         else:
             tl.store(v_ptr + (r - H - HKV) * sv0 + cur * sv1 + d, x)
 
-    @triton.jit
-    def _silu_mul_kernel(gu_ptr, out_ptr, HID: tl.constexpr, BLOCK: tl.constexpr):
-        """silu(gate) * up for gate, up the two halves of one row, rounded as PyTorch's two ops."""
-        c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        m = c < HID
-        g = tl.load(gu_ptr + c, mask=m, other=0.0)
-        u = tl.load(gu_ptr + HID + c, mask=m, other=0.0).to(tl.float32)
-        gf = g.to(tl.float32)
-        s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype).to(tl.float32)
-        tl.store(out_ptr + c, (s * u).to(g.dtype), mask=m)
+
+# linear's launch settings on CUDA per weight shape (N, K), from an H100 sweep against cuBLAS
+# (notes/gemv_session18.md); `pdl` launches each product early (programmatic dependent launch), so
+# its start overlaps the previous kernel's tail. The interpreter: few programs, big blocks.
+LINEAR_CONFIG = {
+    "default": dict(block_n=16, block_k=512, num_warps=4, pdl=True),
+}
+LINEAR_CPU_CONFIG = dict(block_n=32, block_k=256, num_warps=4, pdl=False)
 
 
-def rmsnorm(x, w, eps, residual=None):
-    """w * rms_norm(x) for the rows of x [..., dim] (contiguous), as model.RMSNorm computes it; with
-    residual: (x + residual, w * rms_norm(x + residual)), the sum made in the same kernel."""
-    dim = x.shape[-1]
-    n = torch.empty_like(x)
-    h = torch.empty_like(x) if residual is not None else n
-    _rmsnorm_kernel[(x.numel() // dim,)](x, x if residual is None else residual, w, h, n, eps, DIM=dim,
-                                         BLOCK=triton.next_power_of_2(dim), ADD=residual is not None,
-                                         num_warps=8 if dim >= 2048 else 4)
-    return n if residual is None else (h, n)
+def linear(x, w, norm=None, eps=1e-5, silu=False, residual=None):
+    """One token's product with an nn.Linear weight w [N, K] in one launch -> y [N] (x's dtype):
+    y = [residual +] w @ f(x), f(x) = x [K]; with norm [K], norm * rms_norm(x) as model.RMSNorm;
+    with silu, silu(gate) * up of x = [gate, up] [2K]. Same numbers as linear_torch's ops."""
+    N, K = w.shape
+    y = torch.empty(N, dtype=x.dtype, device=x.device)
+    c = LINEAR_CONFIG.get((N, K), LINEAR_CONFIG["default"]) if x.is_cuda else LINEAR_CPU_CONFIG
+    pdl = bool(c["pdl"] and x.is_cuda and gdc_wait is not None)
+    _linear_kernel[(triton.cdiv(N, c["block_n"]),)](
+        x.reshape(-1), w, y, x if norm is None else norm, x if residual is None else residual.reshape(-1),
+        eps, N, K, NORM=norm is not None, SILU=silu, RES=residual is not None, PDL=pdl,
+        BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], num_warps=c["num_warps"], **(dict(launch_pdl=True) if pdl else {}))
+    return y
 
 
 def rope_cache_write(qkv, cos, sin, cache_k, cache_v, pos, n_heads):
@@ -900,15 +936,6 @@ def rope_cache_write(qkv, cos, sin, cache_k, cache_v, pos, n_heads):
                                              cache_k.stride(1), cache_v.stride(0), cache_v.stride(1),
                                              H=n_heads, HKV=Hkv, D=D, num_warps=1)
     return q
-
-
-def silu_mul(gu):
-    """gu [2 * hidden] (gate then up) -> silu(gate) * up [hidden]."""
-    hid = gu.shape[-1] // 2
-    out = torch.empty(hid, dtype=gu.dtype, device=gu.device)
-    block = min(1024, triton.next_power_of_2(hid))
-    _silu_mul_kernel[(triton.cdiv(hid, block),)](gu, out, HID=hid, BLOCK=block, num_warps=4)
-    return out
 
 
 # ----------------------------------------------------------------------------- dispatch

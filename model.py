@@ -66,8 +66,9 @@ def rope_frequencies(args):
 
 
 def fused_step(x, pos):
-    """A decode step (one token, batch 1) on CUDA: norms, rotary embedding with the cache write and
-    silu * up run as fused Triton kernels (kernels.py), the same numbers in fewer launches."""
+    """A decode step (one token, batch 1) on CUDA: each weight product is one Triton launch
+    (kernels.linear) with the norm before it, silu * up or the residual add fused in, and rotary
+    embedding with the cache write is one more: the same numbers in fewer launches."""
     return pos is not None and x.shape[1] == 1 and x.is_cuda and kernels.triton is not None
 
 
@@ -100,8 +101,6 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, pos=None, policy=None):
         B, L, _ = x.shape
-        if fused_step(x, pos):
-            return self.decode_fused(x, cos, sin, pos, policy)
         q, k, v = self.wqkv(x).split(self.sizes, dim=-1)
         q = q.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, L, D]
         k = k.view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, L, D]
@@ -126,16 +125,17 @@ class Attention(nn.Module):
                 y = decode_attention(q[0, :, 0], self.cache_k, self.cache_v, pos)[0][None, :, None]
         return self.wo(y.transpose(1, 2).reshape(B, L, -1))
 
-    def decode_fused(self, x, cos, sin, pos, policy):
-        """The decode branch of forward in one projection and one launch for rope and the cache write."""
-        qkv = self.wqkv(x).view(-1)
+    def decode_fused(self, x, norm, cos, sin, pos, policy):
+        """x + forward(norm(x)) for one token (x [1, 1, dim]): the norm inside the q/k/v product, rope
+        and the cache write in one launch, the residual add inside the output product."""
+        qkv = kernels.linear(x, self.wqkv.weight, norm.weight, norm.eps)  # [(H + 2 Hkv) * D]
         q_raw = qkv[:self.sizes[0]].view(self.n_heads, self.head_dim)
         q = kernels.rope_cache_write(qkv, cos.view(-1), sin.view(-1), self.cache_k, self.cache_v, pos, self.n_heads)
         if policy is not None:
             y = policy.attend(self.layer_id, q, self.cache_k, self.cache_v, pos, q_raw)
         else:
             y = decode_attention(q, self.cache_k, self.cache_v, pos)[0]
-        return self.wo(y.view(1, 1, -1))
+        return kernels.linear(y, self.wo.weight, residual=x).view_as(x)
 
 
 class FeedForward(nn.Module):
@@ -144,11 +144,15 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(dim, 2 * hidden_dim, bias=False)  # gate and up stacked: one product
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
 
-    def forward(self, x, fused=False):
-        if fused:  # one token: silu * up in one launch
-            return self.w2(kernels.silu_mul(self.w13(x).view(-1)).view(1, 1, -1))
+    def forward(self, x):
         gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
+
+    def decode_fused(self, h, norm):
+        """h + forward(norm(h)) for one token (h [1, 1, dim]): the norm inside the gate/up product,
+        silu * up and the residual add inside the down product."""
+        gu = kernels.linear(h, self.w13.weight, norm.weight, norm.eps)  # [2 * hidden]
+        return kernels.linear(gu, self.w2.weight, silu=True, residual=h).view_as(h)
 
 
 class Block(nn.Module):
@@ -160,11 +164,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x, cos, sin, pos=None, policy=None):
-        if fused_step(x, pos):  # the norms in one launch each, the residual add inside the second
-            eps = self.attention_norm.eps
-            a = self.attention(kernels.rmsnorm(x, self.attention_norm.weight, eps), cos, sin, pos, policy)
-            h, n = kernels.rmsnorm(x, self.ffn_norm.weight, eps, residual=a)
-            return h + self.feed_forward(n, fused=True)
+        if fused_step(x, pos):  # the norms and residual adds inside the weight products
+            h = self.attention.decode_fused(x, self.attention_norm, cos, sin, pos, policy)
+            return self.feed_forward.decode_fused(h, self.ffn_norm)
         h = x + self.attention(self.attention_norm(x), cos, sin, pos, policy)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -199,6 +201,8 @@ class Transformer(nn.Module):
         cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)
         for layer in self.layers:
             h = layer(h, cos, sin, None if start_pos is None else pos, policy)
+        if start_pos is not None and fused_step(h, pos):  # a decode step: the final norm inside the product
+            return kernels.linear(h, self.output.weight, self.norm.weight, self.norm.eps).view(1, 1, -1).float()
         if start_pos is not None:
             h = h[:, -1:]  # only the last position's logits are needed to decode
         return self.output(self.norm(h)).float()

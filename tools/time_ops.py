@@ -6,6 +6,7 @@ Each row is the mean of --reps replays of a CUDA graph holding --inner calls, so
 overhead from Python is not in it; it is what one layer pays per call inside a graph.
 """
 import argparse
+import itertools
 import sys
 from pathlib import Path
 
@@ -32,11 +33,21 @@ probs = decode_attention(q, k, v, pos, None, True)[1]
 pol = policies.RefreshKV(K)
 pol.prefill(0, q[:, None].expand(-1, 64, -1), k, q[:, None].expand(-1, 64, -1))  # state for refresh/join
 idx = torch.stack([torch.randperm(T - 1, device="cuda")[:K] for _ in range(Hkv)])  # a real L/8 selection
-x = torch.randn(1, 1, 4096, device="cuda", dtype=torch.bfloat16)
-w = torch.ones(4096, device="cuda", dtype=torch.bfloat16)
+x, g = torch.randn(1, 1, 4096, device="cuda", dtype=torch.bfloat16), torch.randn(4096, device="cuda", dtype=torch.bfloat16)
 qkv = torch.randn((H + 2 * Hkv) * D, device="cuda", dtype=torch.bfloat16)
 cos, sin = torch.randn(2, D, device="cuda", dtype=torch.bfloat16)
 gu = torch.randn(2 * 14336, device="cuda", dtype=torch.bfloat16)
+
+
+def weights(n, k, copies=6):
+    """A weight [n, k] of a decode step's products, a different one of `copies` at each call, so
+    that the calls in one graph read from memory, as a step's 32 layers do, not from L2."""
+    ws = itertools.cycle([torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)])
+    return lambda: next(ws)
+
+
+wqkv, wo, w13, w2, lm = weights(6144, 4096), weights(4096, 4096), weights(28672, 4096), weights(4096, 14336), \
+    weights(128256, 4096, 2)
 count = torch.zeros(2, dtype=torch.long, device="cuda")
 flag = torch.zeros(1, dtype=torch.int64, device="cuda")  # as similarity_check makes it
 hprobs = decode_attention(q, k, v, pos, idx, True)[1]  # h2o's step: the sparse pass's probabilities
@@ -61,10 +72,17 @@ OPS = {
     "h2o: update (kernels.h2o_update)": lambda: kernels.h2o_update(hprobs, kept, acc, pos, K // 2),
     "check: similarity (PyTorch ops)": lambda: kernels.similarity_check(qr, q_mean, 0.85, kernel="torch"),
     "check: similarity (kernels.similarity_check)": lambda: kernels.similarity_check(qr, q_mean, 0.85),
-    "rms_norm (PyTorch ops)": lambda: w * torch.nn.functional.rms_norm(x.float(), (4096,), eps=1e-5).to(x.dtype),
-    "rms_norm + residual (kernels.rmsnorm)": lambda: kernels.rmsnorm(x, w, 1e-5, residual=x),
     "rope + cache write (kernels.rope_cache_write)": lambda: kernels.rope_cache_write(qkv, cos, sin, k, v, pos, H),
-    "silu * up (kernels.silu_mul)": lambda: kernels.silu_mul(gu),
+    "wqkv 6144x4096: F.linear (cuBLAS)": lambda: torch.nn.functional.linear(x, wqkv()),
+    "wqkv: norm + product (kernels.linear)": lambda: kernels.linear(x, wqkv(), g),
+    "wo 4096x4096: F.linear (cuBLAS)": lambda: torch.nn.functional.linear(x, wo()),
+    "wo: product + residual (kernels.linear)": lambda: kernels.linear(x, wo(), residual=x),
+    "w13 28672x4096: F.linear (cuBLAS)": lambda: torch.nn.functional.linear(x, w13()),
+    "w13: norm + product (kernels.linear)": lambda: kernels.linear(x, w13(), g),
+    "w2 4096x14336: F.linear (cuBLAS)": lambda: torch.nn.functional.linear(gu[None, None, :14336], w2()),
+    "w2: silu * up + product + residual (kernels.linear)": lambda: kernels.linear(gu, w2(), silu=True, residual=x),
+    "lm_head 128256x4096: F.linear (cuBLAS)": lambda: torch.nn.functional.linear(x, lm()),
+    "lm_head: norm + product (kernels.linear)": lambda: kernels.linear(x, lm(), g),
 }
 print(f"| op (L={T}, K={K}) | us per call |\n|---|---|")
 for name, fn in OPS.items():
