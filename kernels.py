@@ -903,13 +903,18 @@ if triton is not None:
             tl.store(v_ptr + (r - H - HKV) * sv0 + cur * sv1 + d, x)
 
 
-# linear's launch settings on CUDA per weight shape (N, K), from an H100 sweep against cuBLAS
-# (notes/gemv_session18.md); `pdl` launches each product early (programmatic dependent launch), so
-# its start overlaps the previous kernel's tail. The interpreter: few programs, big blocks.
+# linear's launch settings on CUDA per weight shape (N, K) of Llama-3.1-8B, from an H100 sweep against
+# cuBLAS inside CUDA graphs (notes/gemv_session18.md); other shapes take "default". Each product is
+# launched early (programmatic dependent launch), so its start overlaps the previous kernel's tail.
 LINEAR_CONFIG = {
-    "default": dict(block_n=16, block_k=512, num_warps=4, pdl=True),
+    "default": dict(block_n=16, block_k=1024, num_warps=4),
+    (6144, 4096): dict(block_n=8, block_k=1024, num_warps=8),     # wqkv
+    (4096, 4096): dict(block_n=4, block_k=2048, num_warps=4),     # wo
+    (28672, 4096): dict(block_n=16, block_k=1024, num_warps=4),   # w13
+    (4096, 14336): dict(block_n=8, block_k=1024, num_warps=4),    # w2
+    (128256, 4096): dict(block_n=16, block_k=2048, num_warps=8),  # lm_head
 }
-LINEAR_CPU_CONFIG = dict(block_n=32, block_k=256, num_warps=4, pdl=False)
+LINEAR_CPU_CONFIG = dict(block_n=32, block_k=256, num_warps=4)  # the interpreter: few programs, big blocks
 
 
 def linear(x, w, norm=None, eps=1e-5, silu=False, residual=None):
@@ -919,11 +924,11 @@ def linear(x, w, norm=None, eps=1e-5, silu=False, residual=None):
     N, K = w.shape
     y = torch.empty(N, dtype=x.dtype, device=x.device)
     c = LINEAR_CONFIG.get((N, K), LINEAR_CONFIG["default"]) if x.is_cuda else LINEAR_CPU_CONFIG
-    pdl = bool(c["pdl"] and x.is_cuda and gdc_wait is not None)
+    pdl = x.is_cuda and gdc_wait is not None
     _linear_kernel[(triton.cdiv(N, c["block_n"]),)](
         x.reshape(-1), w, y, x if norm is None else norm, x if residual is None else residual.reshape(-1),
-        eps, N, K, NORM=norm is not None, SILU=silu, RES=residual is not None, PDL=pdl,
-        BLOCK_N=c["block_n"], BLOCK_K=c["block_k"], num_warps=c["num_warps"], **(dict(launch_pdl=True) if pdl else {}))
+        eps, N, K, NORM=norm is not None, SILU=silu, RES=residual is not None, PDL=pdl, BLOCK_N=c["block_n"],
+        BLOCK_K=c["block_k"], num_warps=c["num_warps"], **(dict(launch_pdl=True) if pdl else {}))
     return y
 
 
