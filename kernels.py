@@ -849,13 +849,14 @@ if triton is not None:
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """BLOCK_N rows of y = W f(x) (+ r), W [N, K] row-major: f is x, or g * rms_norm(x) (NORM),
         or silu(gate) * up of x = [gate, up] (SILU); float32 sums, rounded where PyTorch rounds."""
-        if PDL:  # launched early: let the next kernel be scheduled, then wait for the previous one
-            gdc_launch_dependents()
-            gdc_wait()
         dt = y_ptr.dtype.element_ty
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         wp = w_ptr + tl.program_id(0).to(tl.int64) * BLOCK_N * K + tl.arange(0, BLOCK_N)[:, None] * K + cols[None, :]
+        w = tl.load(wp, mask=(rows < N)[:, None] & (cols < K)[None, :], other=0.0)  # no kernel writes W: read early
+        if PDL:  # launched early: let the next kernel be scheduled, then wait for the previous one
+            gdc_launch_dependents()
+            gdc_wait()
         if NORM:  # the inverse RMS of x, recomputed by every program (x is small and stays in L2)
             ss = tl.zeros([BLOCK_K], tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -865,6 +866,8 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)  # per-column partial sums, reduced once at the end
         for k0 in range(0, K, BLOCK_K):
             k = k0 + cols
+            # the next tile of W, read one iteration ahead (the loads are not pipelined otherwise)
+            w_next = tl.load(wp + k0 + BLOCK_K, mask=(rows < N)[:, None] & (k + BLOCK_K < K)[None, :], other=0.0)
             xk = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
             if SILU:  # silu(gate) rounded, times up, rounded: as F.silu(gate) * up
                 u = tl.load(x_ptr + K + k, mask=k < K, other=0.0).to(tl.float32)
@@ -872,8 +875,8 @@ if triton is not None:
             if NORM:  # g * rms_norm(x).to(dtype), as model.RMSNorm
                 g = tl.load(g_ptr + k, mask=k < K, other=0.0).to(tl.float32)
                 xk = (g * (xk * r).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-            w = tl.load(wp + k0, mask=(rows < N)[:, None] & (k < K)[None, :], other=0.0)
             acc += w.to(tl.float32) * xk[None, :]
+            w = w_next
         y = tl.sum(acc, 1)
         if RES:  # the product rounded, then the residual added: as residual + F.linear(...)
             y = y.to(dt).to(tl.float32) + tl.load(r_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
@@ -905,14 +908,15 @@ if triton is not None:
 
 # linear's launch settings on CUDA per weight shape (N, K) of Llama-3.1-8B, from an H100 sweep against
 # cuBLAS inside CUDA graphs (notes/gemv_session18.md); other shapes take "default". Each product is
-# launched early (programmatic dependent launch), so its start overlaps the previous kernel's tail.
+# launched early (programmatic dependent launch): its first weight tile is read while the previous
+# kernel finishes.
 LINEAR_CONFIG = {
-    "default": dict(block_n=16, block_k=1024, num_warps=4),
-    (6144, 4096): dict(block_n=8, block_k=1024, num_warps=8),     # wqkv
-    (4096, 4096): dict(block_n=4, block_k=2048, num_warps=4),     # wo
-    (28672, 4096): dict(block_n=16, block_k=1024, num_warps=4),   # w13
-    (4096, 14336): dict(block_n=8, block_k=1024, num_warps=4),    # w2
-    (128256, 4096): dict(block_n=16, block_k=2048, num_warps=8),  # lm_head
+    "default": dict(block_n=8, block_k=1024, num_warps=4),
+    (6144, 4096): dict(block_n=8, block_k=1024, num_warps=4),    # wqkv
+    (4096, 4096): dict(block_n=8, block_k=512, num_warps=8),     # wo
+    (28672, 4096): dict(block_n=8, block_k=1024, num_warps=4),   # w13
+    (4096, 14336): dict(block_n=8, block_k=512, num_warps=8),    # w2
+    (128256, 4096): dict(block_n=4, block_k=2048, num_warps=4),  # lm_head
 }
 LINEAR_CPU_CONFIG = dict(block_n=32, block_k=256, num_warps=4)  # the interpreter: few programs, big blocks
 
