@@ -34,7 +34,7 @@ pol = policies.RefreshKV(K)
 pol.prefill(0, q[:, None].expand(-1, 64, -1), k, q[:, None].expand(-1, 64, -1))  # state for refresh/join
 idx = torch.stack([torch.randperm(T - 1, device="cuda")[:K] for _ in range(Hkv)])  # a real L/8 selection
 x = torch.randn(1, 1, 4096, device="cuda", dtype=torch.bfloat16)
-g = torch.randn(4096, device="cuda", dtype=torch.bfloat16)  # a norm's weight
+nw = torch.randn(4096, device="cuda", dtype=torch.bfloat16)  # a norm's weight (the loop below names its graph g)
 qkv = torch.randn((H + 2 * Hkv) * D, device="cuda", dtype=torch.bfloat16)
 cos, sin = torch.randn(2, D, device="cuda", dtype=torch.bfloat16)
 gu = torch.randn(2 * 14336, device="cuda", dtype=torch.bfloat16)
@@ -75,15 +75,15 @@ OPS = {
     "check: similarity (kernels.similarity_check)": lambda: kernels.similarity_check(qr, q_mean, 0.85),
     "rope + cache write (kernels.rope_cache_write)": lambda: kernels.rope_cache_write(qkv, cos, sin, k, v, pos, H),
     "wqkv 6144x4096: F.linear (cuBLAS)": lambda: torch.nn.functional.linear(x, wqkv()),
-    "wqkv: norm + product (kernels.linear)": lambda: kernels.linear(x, wqkv(), g),
+    "wqkv: norm + product (kernels.linear)": lambda: kernels.linear(x, wqkv(), nw),
     "wo 4096x4096: F.linear (cuBLAS)": lambda: torch.nn.functional.linear(x, wo()),
     "wo: product + residual (kernels.linear)": lambda: kernels.linear(x, wo(), residual=x),
     "w13 28672x4096: F.linear (cuBLAS)": lambda: torch.nn.functional.linear(x, w13()),
-    "w13: norm + product (kernels.linear)": lambda: kernels.linear(x, w13(), g),
+    "w13: norm + product (kernels.linear)": lambda: kernels.linear(x, w13(), nw),
     "w2 4096x14336: F.linear (cuBLAS)": lambda: torch.nn.functional.linear(gu[None, None, :14336], w2()),
     "w2: silu * up + product + residual (kernels.linear)": lambda: kernels.linear(gu, w2(), silu=True, residual=x),
     "lm_head 128256x4096: F.linear (cuBLAS)": lambda: torch.nn.functional.linear(x, lm()),
-    "lm_head: norm + product (kernels.linear)": lambda: kernels.linear(x, lm(), g),
+    "lm_head: norm + product (kernels.linear)": lambda: kernels.linear(x, lm(), nw),
 }
 print(f"| op (L={T}, K={K}) | us per call |\n|---|---|")
 for name, fn in OPS.items():
