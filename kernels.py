@@ -826,8 +826,8 @@ def similarity_check(q_raw, q_mean, threshold, kernel="auto"):
 # One decoded token (batch 1): each weight product is a matrix-vector product that streams the
 # weight once; the small ops around it (RMSNorm, silu * up, the residual add) ride inside it, and
 # rotary embedding with the cache write is one launch (model.py uses them on CUDA for decode
-# steps). Each rounds where PyTorch's ops round, so results match the PyTorch path to the
-# summation order (bf16: one ulp at most, mostly the same bits).
+# steps). Each rounds where PyTorch's ops round, so results differ from the PyTorch path's by the
+# summation order only (bf16 on an H100: 99.7% or more of the outputs the same bits).
 
 def linear_torch(x, w, norm=None, eps=1e-5, silu=False, residual=None):
     """The PyTorch ops linear replaces: [residual +] w @ f(x), f as in linear."""
