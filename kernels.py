@@ -507,27 +507,39 @@ if triton is not None:
         s = s + 0.0                                   # -0.0 -> +0.0
         return s.to(tl.int32, bitcast=True), s >= 0   # -inf (not selectable) and NaN: False
 
-    @triton.jit(do_not_specialize=["N", "chunk"])
-    def _pool_hist_kernel(p_ptr, s_ptr, hist_ptr, last_ptr, flag_ptr, N, chunk, Hkv,
-                          G: tl.constexpr, POOL: tl.constexpr, BLOCK: tl.constexpr,
+    @triton.jit(do_not_specialize=["chunk"])
+    def _pool_hist_kernel(p_ptr, gm_ptr, s_ptr, hist_ptr, last_ptr, flag_ptr, N, chunk, Hkv,
+                          G: tl.constexpr, POOL: tl.constexpr, HALO: tl.constexpr, BLOCK: tl.constexpr,
                           HAS_LAST: tl.constexpr, HAS_FLAG: tl.constexpr):
         """Grid (Hkv, programs per row). s = the pooled group max (-inf past last); histogram of
-        its first digit."""
+        its first digit. The group max goes through a row of gm_ptr that is the program's own
+        (its chunk and HALO positions either side), so the pool reads it at 7 shifts, not 28 probs."""
         if _skip(flag_ptr, HAS_FLAG):
             return
         kvh = tl.program_id(0)
-        start = tl.program_id(1) * chunk
+        pid = tl.program_id(1)
+        start = pid * chunk
+        gm_ptr += (kvh * tl.num_programs(1) + pid) * (chunk + 2 * HALO) + HALO - start  # gm_ptr + j: position j
+        for j0 in range(start, start + chunk, BLOCK):  # the group max, -inf outside 0..N-1
+            j = j0 + tl.arange(0, BLOCK)
+            x = tl.load(p_ptr + kvh * G * N + j, mask=j < N, other=float("-inf"))
+            for g in tl.static_range(1, G):
+                x = tl.maximum(x, tl.load(p_ptr + (kvh * G + g) * N + j, mask=j < N, other=float("-inf")))
+            tl.store(gm_ptr + j, x)
+        e = tl.arange(0, 2 * HALO)                    # the halos: HALO positions before, HALO after
+        jh = tl.where(e < HALO, start - HALO + e, start + chunk - HALO + e)
+        xh = tl.full([2 * HALO], float("-inf"), tl.float32)
+        for g in tl.static_range(G):
+            xh = tl.maximum(xh, tl.load(p_ptr + (kvh * G + g) * N + jh, mask=(jh >= 0) & (jh < N), other=float("-inf")))
+        tl.store(gm_ptr + jh, xh)
+        tl.debug_barrier()                            # the program's stores land before its reads
         hist = tl.zeros([256], tl.int32)
         bad = 0
         for j0 in range(start, tl.minimum(start + chunk, N), BLOCK):
             j = j0 + tl.arange(0, BLOCK)
-            best = tl.full([BLOCK], float("-inf"), tl.float32)
-            for g in tl.static_range(G):
-                for o in tl.static_range(POOL):
-                    jj = j + (o - POOL // 2)
-                    x = tl.load(p_ptr + (kvh * G + g) * N + jj, mask=(jj >= 0) & (jj < N),
-                                other=float("-inf"))
-                    best = tl.maximum(best, x)
+            best = tl.load(gm_ptr + j - POOL // 2)
+            for o in tl.static_range(1, POOL):
+                best = tl.maximum(best, tl.load(gm_ptr + j + (o - POOL // 2)))
             if HAS_LAST:
                 best = tl.where(j <= tl.load(last_ptr), best, float("-inf"))
             tl.store(s_ptr + kvh * N + j, best, mask=j < N)
@@ -539,44 +551,36 @@ if triton is not None:
         tl.atomic_add(hist_ptr + kvh * 256 + b, hist - tl.where(b == 0, bad, 0))
 
     @triton.jit(do_not_specialize=["N", "chunk", "k"])
-    def _hist_kernel(s_ptr, hist_ptr, flag_ptr, N, chunk, Hkv, k, PASS: tl.constexpr,
+    def _hist_kernel(s_ptr, hist_ptr, cnt_ptr, flag_ptr, N, chunk, Hkv, k, PASS: tl.constexpr,
                      BLOCK: tl.constexpr, HAS_FLAG: tl.constexpr):
-        """Pass 1, 2 or 3: histogram of the next 8 bits among the entries matching the prefix."""
-        if _skip(flag_ptr, HAS_FLAG):
-            return
-        kvh = tl.program_id(0)
-        start = tl.program_id(1) * chunk
-        shift: tl.constexpr = 24 - 8 * PASS
-        prefix, rem = _threshold(hist_ptr, kvh, Hkv, k, PASS)
-        hist = tl.zeros([256], tl.int32)
-        bad = 0
-        for j0 in range(start, tl.minimum(start + chunk, N), BLOCK):
-            j = j0 + tl.arange(0, BLOCK)
-            u, ok = _bits(tl.load(s_ptr + kvh * N + j, mask=j < N, other=float("-inf")))
-            ok = ok & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
-            hist += tl.histogram(tl.where(ok, (u >> shift) & 255, 0), 256)
-            bad += tl.sum((~ok).to(tl.int32), 0)
-        b = tl.arange(0, 256)
-        tl.atomic_add(hist_ptr + (PASS * Hkv + kvh) * 256 + b, hist - tl.where(b == 0, bad, 0))
-
-    @triton.jit(do_not_specialize=["N", "chunk", "k"])
-    def _count_kernel(s_ptr, hist_ptr, cnt_ptr, flag_ptr, N, chunk, Hkv, k, P,
-                      BLOCK: tl.constexpr, HAS_FLAG: tl.constexpr):
-        """Per program: how many of its entries lie above the threshold, and how many on it."""
+        """Pass 1, 2 or 3: histogram of the next 8 bits among the entries matching the prefix.
+        The last pass also keeps, per program, its entries above the prefix and its histogram's
+        suffix sums (entries with digit >= b), from which the compaction counts its share."""
         if _skip(flag_ptr, HAS_FLAG):
             return
         kvh = tl.program_id(0)
         pid = tl.program_id(1)
-        t, rem = _threshold(hist_ptr, kvh, Hkv, k, 4)
-        gt = 0
-        eq = 0
-        for j0 in range(pid * chunk, tl.minimum(pid * chunk + chunk, N), BLOCK):
+        start = pid * chunk
+        shift: tl.constexpr = 24 - 8 * PASS
+        prefix, rem = _threshold(hist_ptr, kvh, Hkv, k, PASS)
+        hist = tl.zeros([256], tl.int32)
+        bad = 0
+        above = 0
+        for j0 in range(start, tl.minimum(start + chunk, N), BLOCK):
             j = j0 + tl.arange(0, BLOCK)
             u, ok = _bits(tl.load(s_ptr + kvh * N + j, mask=j < N, other=float("-inf")))
-            gt += tl.sum((ok & (u > t)).to(tl.int32), 0)
-            eq += tl.sum((ok & (u == t)).to(tl.int32), 0)
-        tl.store(cnt_ptr + (kvh * P + pid) * 2, gt)
-        tl.store(cnt_ptr + (kvh * P + pid) * 2 + 1, eq)
+            if PASS == 3:
+                above += tl.sum((ok & ((u >> 8) > (prefix >> 8))).to(tl.int32), 0)
+            ok = ok & ((u >> (shift + 8)) == (prefix >> (shift + 8)))
+            hist += tl.histogram(tl.where(ok, (u >> shift) & 255, 0), 256)
+            bad += tl.sum((~ok).to(tl.int32), 0)
+        b = tl.arange(0, 256)
+        hist -= tl.where(b == 0, bad, 0)
+        tl.atomic_add(hist_ptr + (PASS * Hkv + kvh) * 256 + b, hist)
+        if PASS == 3:  # row of 257: entries above the prefix, then the suffix sums
+            row = cnt_ptr + (kvh * tl.num_programs(1) + pid) * 257
+            tl.store(row, above)
+            tl.store(row + 1 + b, tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist)
 
     @triton.jit(do_not_specialize=["N", "chunk", "k"])
     def _compact_kernel(s_ptr, hist_ptr, cnt_ptr, idx_ptr, val_ptr, flag_ptr, N, chunk, Hkv, k, P,
@@ -589,8 +593,11 @@ if triton is not None:
         pid = tl.program_id(1)
         t, rem = _threshold(hist_ptr, kvh, Hkv, k, 4)
         q = tl.arange(0, BLOCK_P)
-        gt = tl.load(cnt_ptr + (kvh * P + q) * 2, mask=q < P, other=0)
-        eq = tl.load(cnt_ptr + (kvh * P + q) * 2 + 1, mask=q < P, other=0)
+        row = cnt_ptr + (kvh * P + q) * 257
+        d = t & 255
+        rest = tl.load(row + 2 + d, mask=q < tl.where(d < 255, P, 0), other=0)  # digits above d in t's bucket
+        gt = tl.load(row, mask=q < P, other=0) + rest                   # each program's entries above t
+        eq = tl.load(row + 1 + d, mask=q < P, other=0) - rest            # and on it
         eq_before = tl.cumsum(eq, 0) - eq                            # on the threshold, earlier programs
         taken = gt + tl.minimum(tl.maximum(rem - eq_before, 0), eq)  # each program's selection
         slot = tl.sum(tl.where(q < pid, taken, 0), 0)
@@ -614,12 +621,13 @@ if triton is not None:
                 tl.store(val_ptr + kvh * sv0 + e, tl.full([BLOCK], float("-inf"), tl.float32), mask=e < k)
 
 
-SELECT_CONFIG = dict(programs=64, block=1024)  # CUDA: programs per KV head, entries per block (H100, 8K and 128K)
+SELECT_CONFIG = dict(programs=128, block=512)  # CUDA: programs per KV head, entries per block (H100: notes/select_session18.md)
 
 
 def pooled_top_triton(probs, n_kv, pool, k, last=None, out=None, flag=None):
     """Triton pooled_top: one pass makes the pooled scores and the first digit's histogram, three
-    more refine the threshold, then a count and a compaction: six launches, no sort."""
+    more refine the threshold (the last also counts each program's share), then a compaction:
+    five launches and a memset, no sort."""
     H, N = probs.shape
     probs = probs.contiguous().float()
     dev = probs.device
@@ -628,19 +636,20 @@ def pooled_top_triton(probs, n_kv, pool, k, last=None, out=None, flag=None):
     BLOCK = cfg["block"]
     chunk = triton.cdiv(triton.cdiv(N, P), BLOCK) * BLOCK            # whole blocks per program
     P = triton.cdiv(N, chunk)
+    halo = triton.next_power_of_2(max(1, pool // 2))
     idx, val = out if out is not None else (torch.empty(n_kv, k, dtype=torch.long, device=dev),
                                              torch.empty(n_kv, k, dtype=torch.float32, device=dev))
     s = torch.empty(n_kv, N, dtype=torch.float32, device=dev)
+    gm = torch.empty(n_kv * P * (chunk + 2 * halo), dtype=torch.float32, device=dev)  # each program's group max
     hist = torch.zeros(4, n_kv, 256, dtype=torch.int32, device=dev)
-    cnt = torch.empty(n_kv, P, 2, dtype=torch.int32, device=dev)
+    cnt = torch.empty(n_kv, P, 257, dtype=torch.int32, device=dev)
     fl = dict(HAS_FLAG=flag is not None)
     flag = s if flag is None else flag
     grid = (n_kv, P)
-    _pool_hist_kernel[grid](probs, s, hist, s if last is None else last, flag, N, chunk, n_kv,
-                            G=H // n_kv, POOL=pool, BLOCK=BLOCK, HAS_LAST=last is not None, **fl)
+    _pool_hist_kernel[grid](probs, gm, s, hist, s if last is None else last, flag, N, chunk, n_kv,
+                            G=H // n_kv, POOL=pool, HALO=halo, BLOCK=BLOCK, HAS_LAST=last is not None, **fl)
     for p in (1, 2, 3):
-        _hist_kernel[grid](s, hist, flag, N, chunk, n_kv, k, PASS=p, BLOCK=BLOCK, **fl)
-    _count_kernel[grid](s, hist, cnt, flag, N, chunk, n_kv, k, P, BLOCK=BLOCK, **fl)
+        _hist_kernel[grid](s, hist, cnt, flag, N, chunk, n_kv, k, PASS=p, BLOCK=BLOCK, **fl)
     _compact_kernel[grid](s, hist, cnt, idx, val, flag, N, chunk, n_kv, k, P, idx.stride(0), val.stride(0),
                           BLOCK=BLOCK, BLOCK_P=max(2, triton.next_power_of_2(P)), **fl)
     return idx, val
