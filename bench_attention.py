@@ -20,8 +20,8 @@ Two times per path, medians:
 Inputs rotate among several caches and index sets so that no call finds its data in L2.
 Floor = the bytes a path must move (each input read once, each output written once)
 divided by the device-to-device copy bandwidth measured in the same run.
---sweep first times the sparse kernel's launch configs at the two longest contexts and uses the
-best for the table.
+--sweep first times the sparse kernel's launch configs and the refresh selection's programs and
+block at the two longest contexts and uses the best for the table.
 """
 import argparse
 import math
@@ -217,6 +217,32 @@ def sweep():
     log(f"chosen: {kernels.CUDA_CONFIG}\n")
 
 
+def sweep_select():
+    """The refresh selection's programs per KV head and block (kernels.SELECT_CONFIG) at the two
+    longest contexts, on a full step's probabilities; keeps the least sum over the contexts of the
+    time over that context's best, so that 8K's ~25 us weighs as much as 128K's ~57."""
+    configs = [(64, 1024), (128, 512), (128, 256), (64, 256), (256, 256)]
+    got = {}
+    for T in CTXS[-2:]:
+        q, k, v, pos = make_cache(T)
+        probs = decode_attention(q, k, v, pos, scores=True, kernel="triton")[1]
+        ref = kernels.pooled_top(probs, HKV, 7, T // 8, pos, kernel="torch")[1].sort(1).values
+        times = []
+        for programs, block in configs:
+            kernels.SELECT_CONFIG = dict(programs=programs, block=block)
+            same = torch.equal(kernels.pooled_top(probs, HKV, 7, T // 8, pos)[1].sort(1).values, ref)
+            t = bench_graph(lambda: kernels.pooled_top(probs, HKV, 7, T // 8, pos)) if same else math.inf
+            times.append(f"{programs}x{block}: {t:.1f}")
+            got.setdefault((programs, block), []).append(t)
+        log(f"sweep T={T}, refresh select L/8 (programs x block: GPU us; inf: not the reference's scores) "
+            + "  ".join(times))
+        del q, k, v, pos, probs
+    best = [min(t[i] for t in got.values()) for i in range(len(CTXS[-2:]))]
+    programs, block = min(got, key=lambda c: sum(t / b for t, b in zip(got[c], best)))
+    kernels.SELECT_CONFIG = dict(programs=programs, block=block)
+    log(f"chosen: SELECT_CONFIG {kernels.SELECT_CONFIG}\n")
+
+
 def time_once(fn, reps=3):
     """Median seconds of reps calls, each timed alone (long calls: no graph needed)."""
     fn()
@@ -283,6 +309,7 @@ if args.prefill:
     sys.exit(0)
 if args.sweep and DEV == "cuda":
     sweep()
+    sweep_select()
 floor = lambda nbytes: 1e6 * nbytes / bw                           # microseconds
 qo = 2 * H * D * ESZ                                               # q read + out written
 rows = []                                                          # (T, path, n_att, gpu, eager, floor)
@@ -377,6 +404,6 @@ table = ["| context | path | attended/head | GPU µs | eager µs | byte floor µ
 for T, path, n_att, gpu, eager, fl in rows:
     table.append(f"| {T} | {path} | {n_att} | {gpu:.1f} | {eager:.1f} | {fl:.1f} | {gpu / fl:.2f} | {sdpa_us[T] / gpu:.2f} |")
 table = "\n".join(table)
-log(f"\nconfig: {kernels.CUDA_CONFIG}\ncopy bandwidth {bw / 1e12:.3f} TB/s\n\n{table}")
+log(f"\nconfig: {kernels.CUDA_CONFIG}, select {kernels.SELECT_CONFIG}\ncopy bandwidth {bw / 1e12:.3f} TB/s\n\n{table}")
 with open(os.path.join(args.out, "bench_table.md"), "w") as f:
     f.write(f"copy bandwidth {bw / 1e12:.3f} TB/s, {DEV}; config {kernels.CUDA_CONFIG}\n\n{table}\n")
