@@ -23,7 +23,7 @@ Also here, each with a PyTorch reference:
   join(idx, rank, pos, flag)              a RefreshKV partial step's join: the lowest-ranked slot
                                           takes the current token (one launch)
   h2o_update(probs, kept, acc, pos, recent)  H2O's step: scores accumulated, the lightest non-recent
-                                          slot takes the current token (one launch)
+                                          slot takes the current token (two launches)
   similarity_check(q_raw, q_mean, threshold)  the similarity schedule's per-layer flag (one launch)
   linear(x, w, norm, silu, residual)      one token's weight product with the norm, silu * up or
                                           the residual add fused in (model.fused_step)
@@ -757,16 +757,29 @@ def similarity_check_torch(q_raw, q_mean, threshold):
 
 if triton is not None:
 
-    @triton.jit(do_not_specialize=["K", "recent"])
-    def _h2o_kernel(p_ptr, kept_ptr, acc_ptr, pos_ptr, K, recent, sp0, sk0, sa0, G: tl.constexpr,
-                    BLOCK: tl.constexpr):
-        """Program per KV head: scores added, the lowest non-recent slot found, the current token in."""
+    @triton.jit(do_not_specialize=["K", "recent", "P"])
+    def _h2o_kernel(p_ptr, kept_ptr, acc_ptr, pos_ptr, low_ptr, at_ptr, K, recent, sp0, sk0, sa0, P,
+                    G: tl.constexpr, BLOCK: tl.constexpr, LAST: tl.constexpr, PDL: tl.constexpr):
+        """Grid (Hkv, P): chunk c of row r (BLOCK slots) gets its scores added and writes its lowest
+        non-recent slot to low/at [Hkv, P] (value, first index). LAST, grid (Hkv, 1): the lowest of
+        the row's P chunks (the first of equal ones) takes the current token and its group max."""
+        if PDL:  # launched early: let the next kernel be scheduled, then wait for the previous one
+            gdc_launch_dependents()
+            gdc_wait()
         row = tl.program_id(0)
         cur = tl.load(pos_ptr).to(tl.int64)
-        best = tl.full([BLOCK], float("inf"), tl.float32)
-        at = tl.zeros([BLOCK], tl.int32)
-        for j0 in range(0, K, BLOCK):
-            j = j0 + tl.arange(0, BLOCK)
+        if LAST:
+            c = tl.arange(0, BLOCK)
+            low = tl.load(low_ptr + row * P + c, mask=c < P, other=float("inf"))  # [BLOCK >= P]
+            at = tl.load(at_ptr + row * P + c, mask=c < P, other=K)
+            slot = tl.min(tl.where(low == tl.min(low, 0), at, K), 0)  # chunks in order: the first slot
+            top = tl.load(p_ptr + row * G * sp0 + K)
+            for g in tl.static_range(1, G):
+                top = tl.maximum(top, tl.load(p_ptr + (row * G + g) * sp0 + K))
+            tl.store(kept_ptr + row * sk0 + slot, cur.to(kept_ptr.dtype.element_ty))
+            tl.store(acc_ptr + row * sa0 + slot, top)
+        else:
+            j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
             inside = j < K
             got = tl.load(p_ptr + row * G * sp0 + j, mask=inside, other=0.0)
             for g in tl.static_range(1, G):           # the group's max
@@ -774,18 +787,10 @@ if triton is not None:
             a = tl.load(acc_ptr + row * sa0 + j, mask=inside, other=0.0) + got
             tl.store(acc_ptr + row * sa0 + j, a, mask=inside)
             kk = tl.load(kept_ptr + row * sk0 + j, mask=inside, other=-1).to(tl.int64)
-            near = (kk > cur - recent) & (kk >= 0)
-            x = tl.where(near | ~inside, float("inf"), a)
-            lower = x < best                          # strictly: each lane keeps its first
-            best = tl.where(lower, x, best)
-            at = tl.where(lower, j, at)
-        slot = tl.min(tl.where(best == tl.min(best, 0), at, K), 0)
-        top = tl.load(p_ptr + row * G * sp0 + K)
-        for g in tl.static_range(1, G):
-            top = tl.maximum(top, tl.load(p_ptr + (row * G + g) * sp0 + K))
-        tl.debug_barrier()                            # the loop's stores land before the slot's
-        tl.store(kept_ptr + row * sk0 + slot, cur.to(kept_ptr.dtype.element_ty))
-        tl.store(acc_ptr + row * sa0 + slot, top)
+            x = tl.where(((kk > cur - recent) & (kk >= 0)) | ~inside, float("inf"), a)  # recent: not eligible
+            low = tl.min(x, 0)
+            tl.store(low_ptr + row * P + tl.program_id(1), low)
+            tl.store(at_ptr + row * P + tl.program_id(1), tl.min(tl.where(x == low, j, K), 0))  # the first
 
     @triton.jit
     def _similarity_kernel(q_ptr, mean_ptr, flag_ptr, threshold, eps, H: tl.constexpr, D: tl.constexpr,
@@ -804,18 +809,28 @@ if triton is not None:
         tl.store(mean_ptr + d, tl.where(flag, m, y), mask=d < D)
 
 
+H2O_PROGRAMS = 16  # about this many programs per KV head's row, of 256 to 4096 slots each
+
+
 def h2o_update(probs, kept, acc, pos, recent, kernel="auto"):
     """H2O's step, in place, after the attention over kept [Hkv, K] (positions) and the current token:
     probs [H, K + 1] (GQA groups of H // Hkv rows, the current token last) adds each group's max to
     acc [Hkv, K] float32; then, per row, the slot of the lowest acc among positions not above
     pos - recent (empty slots, -1 with acc -inf, first; the first of equal ones) takes the current
-    token and its group max. kernel: "torch" (reference), "triton" (one launch), or "auto"."""
+    token and its group max. kernel: "torch" (reference), "triton" (two launches: the row in
+    chunks of many programs, then each row's lowest chunk), or "auto"."""
     if not use_triton(kernel, kept.device):
         return h2o_update_torch(probs, kept, acc, pos, recent)
     Hkv, K = kept.shape
-    block = min(4096, triton.next_power_of_2(K))
-    _h2o_kernel[(Hkv,)](probs, kept, acc, pos, K, recent, probs.stride(0), kept.stride(0), acc.stride(0),
-                        G=probs.shape[0] // Hkv, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    block = max(256, min(4096, triton.next_power_of_2(triton.cdiv(K, H2O_PROGRAMS))))  # slots per program
+    P = triton.cdiv(K, block)
+    low = torch.empty(Hkv, P, dtype=torch.float32, device=kept.device)  # each chunk's lowest score
+    at = torch.empty(Hkv, P, dtype=torch.int32, device=kept.device)     # and its first slot
+    pdl = kept.is_cuda and gdc_wait is not None
+    args = (probs, kept, acc, pos, low, at, K, recent, probs.stride(0), kept.stride(0), acc.stride(0), P)
+    launch = dict(G=probs.shape[0] // Hkv, PDL=pdl, num_warps=4, **(dict(launch_pdl=True) if pdl else {}))
+    _h2o_kernel[(Hkv, P)](*args, BLOCK=block, LAST=False, **launch)
+    _h2o_kernel[(Hkv, 1)](*args, BLOCK=max(2, triton.next_power_of_2(P)), LAST=True, **launch)
 
 
 def similarity_check(q_raw, q_mean, threshold, kernel="auto"):

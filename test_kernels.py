@@ -704,6 +704,30 @@ def test_h2o_update(kernel):
 
 
 @pytest.mark.parametrize("kernel", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_h2o_update_chunks(kernel):
+    """A row split over programs (K = 4100: chunks of any power of two from 256 to 4096, the last
+    one short): the lowest at a chunk's first slot (2048) with a lighter recent one beside it;
+    equal lowest at 1023, 1024 and 4099 (the first wins); the lowest in the last chunk's last
+    slot; every slot recent but one empty slot in the last chunk."""
+    K, G, recent, p = 4100, 2, 1000, 50000
+    gen = torch.Generator().manual_seed(11)
+    kept = torch.stack([torch.randperm(p - recent, generator=gen)[:K] for _ in range(4)])
+    acc = torch.rand(4, K, generator=gen) + 1
+    probs = torch.rand(4 * G, K + 1, generator=gen)
+    kept[0, [2047, 2048]], acc[0, [2047, 2048]] = torch.tensor([p - 1, 7]), torch.tensor([-2.0, -1.0])
+    kept[1, [1023, 1024, 4099]], acc[1, [1023, 1024, 4099]], probs[2:4, [1023, 1024, 4099]] = 5, -1.0, 0.5
+    acc[2, 4099] = -1.0
+    kept[3] = p - 1 - torch.arange(K) % (recent - 1)  # p - 1 .. p - recent + 1
+    kept[3, 4097], acc[3, 4097] = -1, float("-inf")
+    want = kept.clone(), acc.clone()
+    kernels.h2o_update_torch(probs, *want, torch.tensor([p]), recent)
+    assert (want[0] == p).long().argmax(1).tolist() == [2048, 1023, 4099, 4097]
+    have = kept.to(DEV), acc.to(DEV)
+    kernels.h2o_update(probs.to(DEV), *have, torch.tensor([p], device=DEV), recent, kernel=kernel)
+    assert torch.equal(have[0].cpu(), want[0]) and torch.equal(have[1].cpu(), want[1])
+
+
+@pytest.mark.parametrize("kernel", ["torch", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_similarity_check(kernel, dtype):
     """flag 1 exactly where cos(mean query, q_mean) < threshold (F.cosine_similarity), and there
