@@ -12,8 +12,9 @@ of the attended entries, loads each K/V row once for the whole GQA group (the gr
 query heads are packed into one tl.dot), keeps an online softmax in float32 and writes a
 partial (max, sum, acc). A second small kernel merges the splits and, if asked, turns
 the scaled logits the first kernel wrote into probabilities with the final log-sum-exp.
-count= adds the attended positions to a counter inside the kernel; full= (a device flag) makes
-one launch attend to every position or to idx, so a per-layer decision needs no host read.
+count= adds the step and the attended positions to counters inside the kernel; full= (a
+device flag) makes one launch attend to every position or to idx, so a per-layer decision
+needs no host read.
 
 Also here, each with a PyTorch reference:
   pooled_top(probs, n_kv, pool, k, last)  the refresh's selection: group max, max-pool, top-K
@@ -184,10 +185,16 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(vv.dtype), vv, input_precision=PREC)
             m_i = m_new
         # partials, laid out [H, S] and [H, S, D]
-        if COUNT:  # the caller's counters: entries attended, and positions 0..pos (a full step's)
-            tl.atomic_add(count_ptr, n_valid.to(tl.int64))
+        if COUNT:  # the caller's counters: a call, a dense one, entries attended, positions 0..pos
+            tl.atomic_add(count_ptr + 2, n_valid.to(tl.int64))
             if split == 0:
-                tl.atomic_add(count_ptr + 1, (cur + 1).to(tl.int64))
+                tl.atomic_add(count_ptr + 3, (cur + 1).to(tl.int64))
+                if kvh == 0:
+                    tl.atomic_add(count_ptr, 1)
+                    if FLAG:
+                        tl.atomic_add(count_ptr + 1, dense.to(tl.int64))
+                    elif not HAS_IDX:
+                        tl.atomic_add(count_ptr + 1, 1)
         tl.store(m_ptr + h * S + split, m_i, mask=hmask)
         tl.store(l_ptr + h * S + split, l_i, mask=hmask)
         tl.store(acc_ptr + (h[:, None] * S + split) * D + d[None, :], acc, mask=hmask[:, None])
@@ -1004,10 +1011,11 @@ def _check(q, k, v, pos, idx):
 def count_torch(count, k, pos, idx, full=None):
     """What the Triton kernel adds to `count` when given one, in torch ops (no host sync)."""
     dense = k.shape[0] * (pos.view(1) + 1)
+    is_dense = torch.ones(1, dtype=torch.long, device=k.device) if idx is None else \
+        (full.view(1) != 0).long() if full is not None else torch.zeros(1, dtype=torch.long, device=k.device)
     n = dense if idx is None else (idx >= 0).sum().view(1) + k.shape[0]
-    if full is not None:
-        n = torch.where(full.view(1) != 0, dense, n)
-    count += torch.cat([n, dense])
+    n = torch.where(is_dense != 0, dense, n)
+    count += torch.cat([torch.ones_like(is_dense), is_dense, n, dense])
 
 
 def attention_flag_torch(q, k, v, pos, idx, scores, full):
@@ -1025,9 +1033,10 @@ def decode_attention(q, k, v, pos, idx=None, scores=False, kernel="auto", count=
     Returns (out [H, D] in q.dtype, probs float32 or None): probs [H, N] for idx=None, zero past
     pos; [H, n + 1] in idx's order then the current token, zero at empty slots.
     kernel: "torch" (reference), "triton", or "auto" (Triton on CUDA, torch on CPU).
-    count: None or an int64 [2] tensor on the device, to which the call adds the entries it
-    attended (the current token and idx's non-empty slots, or 0..pos; summed over KV heads) and
-    the positions a full step would attend (pos + 1 per KV head). Triton counts in the kernel.
+    count: None or an int64 [4] tensor on the device, to which the call adds 1 (a layer-step), 1
+    if the pass was dense (a full step), the entries it attended (the current token and idx's
+    non-empty slots, or 0..pos; summed over KV heads) and the positions a full step would attend
+    (pos + 1 per KV head). Triton counts inside the kernel: no launch of its own.
     full: None or a one-element integer tensor on the device, with idx: where it holds nonzero the
     call attends to every position as idx=None does (same launches, same bits), else to idx;
     decided on the GPU, so one CUDA graph serves both. probs is then [H, N] and is written by a
@@ -1036,8 +1045,8 @@ def decode_attention(q, k, v, pos, idx=None, scores=False, kernel="auto", count=
     if full is not None and (idx is None or full.numel() != 1 or full.device != k.device
                              or full.dtype not in (torch.int32, torch.int64, torch.bool)):
         raise ValueError(f"full must be a one-element integer tensor on {k.device}, with idx")
-    if count is not None and (count.shape != (2,) or count.dtype != torch.int64 or count.device != k.device):
-        raise ValueError(f"count must be an int64 [2] tensor on {k.device}")
+    if count is not None and (count.shape != (4,) or count.dtype != torch.int64 or count.device != k.device):
+        raise ValueError(f"count must be an int64 [4] tensor on {k.device}")
     if not use_triton(kernel, q.device):
         if count is not None:
             count_torch(count, k, pos, idx, full)

@@ -92,10 +92,8 @@ class Policy:
 
     def prefill(self, layer, q, k, q_raw):
         self.n_kv, self.prompt_len = k.shape[0], q.shape[1]
-        if layer == 0 or not hasattr(self, "count"):  # steps, full, read besides attended, attended, dense
-            self.count = torch.zeros(5, dtype=torch.long, device=k.device)  # positions summed over KV heads, layer-steps
-            self.adds = {kind: torch.tensor(a, device=k.device)  # what each call adds to (steps, full)
-                         for kind, a in (("partial", [1, 0]), ("full", [1, 1]))}
+        if layer == 0 or not hasattr(self, "count"):  # layer-steps, full ones, attended, dense, read besides
+            self.count = torch.zeros(5, dtype=torch.long, device=k.device)  # positions summed over KV heads
 
     def plan(self, t):
         """Called on the host before the decode step that makes token t (t >= 2). Steps with the same
@@ -107,24 +105,23 @@ class Policy:
 
     def run(self, q, k, v, pos, idx=None, scores=False, extra=None, full=None):
         """The attention whose output the step uses, over idx [Hkv, n] (None: every position up to pos;
-        with `full`, a device flag, every position where it is set), counted: positions attended (per KV
-        head; the kernel counts them), read (plus `extra`, e.g. page bounds), and those a full step would
-        read. The counters live on the device, so graph replays count too."""
-        self.count[:2] += self.adds["full" if idx is None else "partial"]
-        if full is not None:  # a flagged step is full where the flag is set
-            self.count[1:2] += full
+        with `full`, a device flag, every position where it is set), counted: the layer-step, whether it
+        was full, positions attended (per KV head) and those a full step would read (the kernel counts
+        these four), and reads besides (`extra`, e.g. page bounds). The counters live on the device, so
+        graph replays count too."""
         if extra is not None:
-            self.count[2:3] += self.n_kv * extra
-        return decode_attention(q, k, v, pos, idx, scores, self.kernel, count=self.count[3:], full=full)
+            self.count[4:5] += self.n_kv * extra
+        return decode_attention(q, k, v, pos, idx, scores, self.kernel, count=self.count[:4], full=full)
 
     def score_pass(self, q, k, v, pos):
         """An extra full pass for its scores alone [H, N]; it reads every position (a full step)."""
-        self.count[1:3] += torch.cat([self.adds["full"][1:], self.n_kv * (pos + 1)])  # a full step's reads
+        self.count[1] += 1  # a full step, whose reads are besides what its token attends
+        self.count[4:5] += self.n_kv * (pos + 1)
         return decode_attention(q, k, v, pos, None, True, self.kernel)[1]
 
     def stats(self):
         """The counters as numbers (a host sync: read them after generating)."""
-        steps, full, besides, attended, dense = self.count.tolist()
+        steps, full, attended, dense, besides = self.count.tolist()
         read = attended + besides
         return dict(steps=steps, full=full, attended=attended / self.n_kv, read=read / self.n_kv, dense=dense / self.n_kv)
 

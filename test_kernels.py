@@ -468,13 +468,14 @@ def test_bench_attention_bad_out_dir(tmp_path):
 
 @pytest.mark.parametrize("kernel", ["torch", pytest.param("triton", marks=needs_triton)])
 def test_count(kernel):
-    """count gains (entries attended, positions 0..pos), summed over KV heads, call after call."""
+    """count gains (calls, dense calls, entries attended, positions 0..pos), the last two summed
+    over KV heads, call after call; one call counts once however many programs it launches."""
     q, k, v, pos, idx = make(2, 4, 150, 32, torch.float32, 9, n=60, empty=7)
-    count = torch.zeros(2, dtype=torch.int64, device=DEV)
+    count = torch.zeros(4, dtype=torch.int64, device=DEV)
     decode_attention(q, k, v, pos, idx, kernel=kernel, count=count)
-    assert count.tolist() == [2 * (60 - 7 + 1), 2 * 150]
+    assert count.tolist() == [1, 0, 2 * (60 - 7 + 1), 2 * 150]
     decode_attention(q, k, v, pos, None, scores=True, kernel=kernel, count=count)
-    assert count.tolist() == [2 * (60 - 7 + 1) + 2 * 150, 4 * 150]
+    assert count.tolist() == [2, 1, 2 * (60 - 7 + 1) + 2 * 150, 4 * 150]
     with pytest.raises(ValueError):
         decode_attention(q, k, v, pos, idx, kernel=kernel, count=count.int())
 
@@ -564,15 +565,15 @@ def test_full_flag(kernel, dtype):
     sparse, _ = decode_attention(q, k, v, pos, idx, kernel=kernel)
     for flag in (1, 0):
         full = torch.tensor([flag], device=DEV)
-        count = torch.zeros(2, dtype=torch.int64, device=DEV)
+        count = torch.zeros(4, dtype=torch.int64, device=DEV)
         out, p = decode_attention(q, k, v, pos, idx, scores=True, kernel=kernel, count=count, full=full)
         assert p.shape == pdense.shape
         if flag:
             assert torch.equal(out, dense) and torch.equal(p, pdense)
-            assert count.tolist() == [2 * 200, 2 * 200]
+            assert count.tolist() == [1, 1, 2 * 200, 2 * 200]
         else:
             close(out, sparse, 0.0 if kernel == "torch" else TOL[dtype])
-            assert count.tolist() == [2 * (50 - 5 + 1), 2 * 200]
+            assert count.tolist() == [1, 0, 2 * (50 - 5 + 1), 2 * 200]
     with pytest.raises(ValueError):
         decode_attention(q, k, v, pos, None, full=torch.tensor([1], device=DEV))
 

@@ -49,7 +49,7 @@ def weights(n, k, copies=6):
 
 wqkv, wo, w13, w2, lm = weights(6144, 4096), weights(4096, 4096), weights(28672, 4096), weights(4096, 14336), \
     weights(128256, 4096, 2)
-count = torch.zeros(2, dtype=torch.long, device="cuda")
+count = torch.zeros(4, dtype=torch.long, device="cuda")
 flag = torch.zeros(1, dtype=torch.int64, device="cuda")  # as similarity_check makes it
 hprobs = decode_attention(q, k, v, pos, idx, True)[1]  # h2o's step: the sparse pass's probabilities
 kept, acc = idx.clone(), torch.rand(Hkv, K, device="cuda")
@@ -67,7 +67,6 @@ OPS = {
     "refresh: whole (policy, from probs)": lambda: pol.refresh(0, probs, q, pos),
     "partial: join + evict": lambda: pol.join(0, pos),
     "partial: masked join (check step)": lambda: pol.join(0, pos, flag),
-    "counters: run's host-side add": lambda: pol.count[:2].add_(pol.adds["partial"]),
     "sparse attention L/8 + scores (h2o's step)": lambda: decode_attention(q, k, v, pos, idx, True),
     "h2o: update (PyTorch ops)": lambda: kernels.h2o_update(hprobs, kept, acc, pos, K // 2, kernel="torch"),
     "h2o: update (kernels.h2o_update)": lambda: kernels.h2o_update(hprobs, kept, acc, pos, K // 2),
