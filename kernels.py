@@ -240,11 +240,9 @@ if triton is not None:
 # --sweep); `splits` is the number of programs per KV head at long lengths; `pdl` launches the
 # combine kernel early (programmatic dependent launch: 0.5-0.7 us less per call on the H100);
 # `prefetch` reads idx's next block one iteration ahead, so the K/V gathers need not wait for it.
-# A check step's one launch (full=flag) takes the dense settings, whether its flag is set or not.
-CUDA_CONFIG = {
-    "sparse": dict(block_n=32, num_warps=4, num_stages=2, splits=64, pdl=True, prefetch=True),
-    "dense": dict(block_n=64, num_warps=4, num_stages=3, splits=32, pdl=True, prefetch=False),
-}
+# One set for every launch, sparse, dense or flagged: so a flagged dense pass gives idx=None's
+# bits, and the dense passes measured no slower with it (notes/bench_session18.md).
+CUDA_CONFIG = dict(block_n=32, num_warps=4, num_stages=2, splits=64, pdl=True, prefetch=True)
 # Interpreter: few programs, big blocks.
 CPU_CONFIG = dict(block_n=128, num_warps=4, num_stages=1, splits=2, pdl=False, prefetch=True)
 
@@ -256,14 +254,13 @@ def attention_triton(q, k, v, pos, idx=None, scores=False, block_n=None, num_spl
     argument depend on shapes alone, so one CUDA graph serves every position. Tuning
     arguments are for tests and the benchmark only; exact_splits=True keeps num_splits even
     if some splits can get no entry (tests). With `full` (a flag on the device, idx given) the
-    launches are the dense ones, so a dense pass gives the same bits as idx=None."""
+    launches are the dense ones (width N), so a dense pass gives the same bits as idx=None."""
     H, D = q.shape
     Hkv, N, _ = k.shape
     G = H // Hkv
     n_idx = 0 if idx is None else idx.shape[1]
     width = N if idx is None or full is not None else n_idx + 1  # a probs row; the most entries attended
-    dense = idx is None or full is not None
-    cfg = CUDA_CONFIG["dense" if dense else "sparse"] if q.is_cuda else CPU_CONFIG
+    cfg = CUDA_CONFIG if q.is_cuda else CPU_CONFIG
     block_n = block_n or cfg["block_n"]
     S = num_splits or cfg["splits"]
     if not exact_splits:  # at most one split per block of width (dense: of N, not pos + 1)
@@ -858,7 +855,8 @@ def similarity_check(q_raw, q_mean, threshold, kernel="auto"):
 # weight once; the small ops around it (RMSNorm, silu * up, the residual add) ride inside it, and
 # rotary embedding with the cache write is one launch (model.py uses them on CUDA for decode
 # steps). Each rounds where PyTorch's ops round, so results differ from the PyTorch path's by the
-# summation order only (bf16 on an H100: 99.7% or more of the outputs the same bits).
+# summation order and the last bits of 1/sqrt and exp (bf16 on an H100: 99.7% or more of the
+# outputs the same bits).
 
 def linear_torch(x, w, norm=None, eps=1e-5, silu=False, residual=None):
     """The PyTorch ops linear replaces: [residual +] w @ f(x), f as in linear."""
@@ -942,10 +940,8 @@ if triton is not None:
 # launched early (programmatic dependent launch): its first weight tile is read while the previous
 # kernel finishes.
 LINEAR_CONFIG = {
-    "default": dict(block_n=8, block_k=1024, num_warps=4),
-    (6144, 4096): dict(block_n=8, block_k=1024, num_warps=4),    # wqkv
+    "default": dict(block_n=8, block_k=1024, num_warps=4),      # wqkv (6144 x 4096), w13 (28672 x 4096)
     (4096, 4096): dict(block_n=8, block_k=512, num_warps=8),     # wo
-    (28672, 4096): dict(block_n=8, block_k=1024, num_warps=4),   # w13
     (4096, 14336): dict(block_n=8, block_k=512, num_warps=8),    # w2
     (128256, 4096): dict(block_n=4, block_k=2048, num_warps=4),  # lm_head
 }
@@ -957,6 +953,8 @@ def linear(x, w, norm=None, eps=1e-5, silu=False, residual=None):
     y = [residual +] w @ f(x), f(x) = x [K]; with norm [K], norm * rms_norm(x) as model.RMSNorm;
     with silu, silu(gate) * up of x = [gate, up] [2K]. Same numbers as linear_torch's ops."""
     N, K = w.shape
+    if not w.is_contiguous() or x.numel() != (2 if silu else 1) * K or (norm is not None and silu):
+        raise ValueError(f"linear wants a contiguous w [N, K], x of {K} values ({2 * K} with silu), and norm or silu, not both")
     y = torch.empty(N, dtype=x.dtype, device=x.device)
     c = LINEAR_CONFIG.get((N, K), LINEAR_CONFIG["default"]) if x.is_cuda else LINEAR_CPU_CONFIG
     pdl = x.is_cuda and gdc_wait is not None
@@ -1011,11 +1009,12 @@ def _check(q, k, v, pos, idx):
 def count_torch(count, k, pos, idx, full=None):
     """What the Triton kernel adds to `count` when given one, in torch ops (no host sync)."""
     dense = k.shape[0] * (pos.view(1) + 1)
-    is_dense = torch.ones(1, dtype=torch.long, device=k.device) if idx is None else \
-        (full.view(1) != 0).long() if full is not None else torch.zeros(1, dtype=torch.long, device=k.device)
-    n = dense if idx is None else (idx >= 0).sum().view(1) + k.shape[0]
-    n = torch.where(is_dense != 0, dense, n)
-    count += torch.cat([torch.ones_like(is_dense), is_dense, n, dense])
+    if idx is None:
+        count += torch.cat([count.new_ones(2), dense, dense])
+        return
+    is_dense = count.new_zeros(1) if full is None else (full.view(1) != 0).long()
+    n = torch.where(is_dense != 0, dense, (idx >= 0).sum().view(1) + k.shape[0])
+    count += torch.cat([count.new_ones(1), is_dense, n, dense])
 
 
 def attention_flag_torch(q, k, v, pos, idx, scores, full):

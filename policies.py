@@ -115,7 +115,7 @@ class Policy:
 
     def score_pass(self, q, k, v, pos):
         """An extra full pass for its scores alone [H, N]; it reads every position (a full step)."""
-        self.count[1] += 1  # a full step, whose reads are besides what its token attends
+        self.count[1:2] += 1  # a full step, whose reads are besides what its token attends
         self.count[4:5] += self.n_kv * (pos + 1)
         return decode_attention(q, k, v, pos, None, True, self.kernel)[1]
 

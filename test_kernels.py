@@ -606,7 +606,7 @@ def test_linear(dtype):
     rnd = lambda *s: torch.randn(*s, generator=gen).to(dtype).to(DEV)
     tol = 1e-6 if dtype == torch.float32 else 3e-2
     rel = lambda a, b: float((a.float() - b.float()).norm() / b.float().norm())
-    for N, K in ((37, 300), (70, 96)):
+    for N, K in ((37, 300), (70, 96), (20, 2500)):  # the last: several K tiles on a GPU too, one partial
         w, x, gu, g, r = rnd(N, K) / K ** 0.5, rnd(1, 1, K), rnd(2 * K), rnd(K), rnd(1, 1, N)
         for xin, kw in ((x, {}), (x, dict(norm=g)), (x, dict(residual=r)), (gu, dict(silu=True, residual=r))):
             y = kernels.linear(xin, w, **kw)
@@ -616,6 +616,15 @@ def test_linear(dtype):
             for drop in kw:  # each fused op matters: without it the result is far off
                 less = {k: v for k, v in kw.items() if k != drop}
                 assert rel(kernels.linear_torch(gu[:K] if drop == "silu" else xin, w, **less), want) > 10 * tol
+
+
+@needs_triton
+def test_linear_rejects_what_it_cannot_do():
+    """A transposed weight, an x of the wrong length, or norm with silu: one clear error, not wrong numbers."""
+    w, x = torch.randn(8, 16, device=DEV), torch.randn(16, device=DEV)
+    for args, kw in (((x, torch.randn(16, 8, device=DEV).t()), {}), ((x[:15], w), {}), ((torch.randn(32, device=DEV), w), dict(silu=True, norm=x))):
+        with pytest.raises(ValueError, match="linear wants"):
+            kernels.linear(*args, **kw)
 
 
 @needs_triton

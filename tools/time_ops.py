@@ -34,7 +34,7 @@ pol = policies.RefreshKV(K)
 pol.prefill(0, q[:, None].expand(-1, 64, -1), k, q[:, None].expand(-1, 64, -1))  # state for refresh/join
 idx = torch.stack([torch.randperm(T - 1, device="cuda")[:K] for _ in range(Hkv)])  # a real L/8 selection
 x = torch.randn(1, 1, 4096, device="cuda", dtype=torch.bfloat16)
-nw = torch.randn(4096, device="cuda", dtype=torch.bfloat16)  # a norm's weight (the loop below names its graph g)
+nw = torch.randn(4096, device="cuda", dtype=torch.bfloat16)  # a norm's weight
 qkv = torch.randn((H + 2 * Hkv) * D, device="cuda", dtype=torch.bfloat16)
 cos, sin = torch.randn(2, D, device="cuda", dtype=torch.bfloat16)
 gu = torch.randn(2 * 14336, device="cuda", dtype=torch.bfloat16)
